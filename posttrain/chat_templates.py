@@ -1,0 +1,58 @@
+"""Chat templates by name, file or inline text, and the end-of-turn token each one uses.
+
+A wrong template or EOS is the most common way a post-trained model ends up broken (INTELLECT-1 with a
+ChatML template started SFT at loss ~15 instead of ~1.1), so the template and the EOS travel together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from posttrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str  # a known name, a file path, or "inline"
+    text: str
+    end_of_turn: str | None  # the token that ends an assistant turn, when known
+
+
+# name -> (template file shipped with posttrain, end-of-turn token)
+KNOWN_TEMPLATES: dict[str, tuple[str, str]] = {
+    "llama-3.1": ("llama-3.1.jinja", "<|eot_id|>"),
+}
+ALIASES = {"llama3.1": "llama-3.1", "llama-3": "llama-3.1", "llama3": "llama-3.1"}
+
+
+def is_template_file(value: str) -> bool:
+    return value.endswith((".jinja", ".jinja2", ".j2"))
+
+
+def resolve_chat_template(value: str, recipe_dir: Path) -> ChatTemplate:
+    """Turn a recipe's `chat_template:` value into template text."""
+    name = ALIASES.get(value, value)
+    if name in KNOWN_TEMPLATES:
+        filename, eot = KNOWN_TEMPLATES[name]
+        text = resources.files("posttrain").joinpath("templates", filename).read_text()
+        return ChatTemplate(name, text, eot)
+    if is_template_file(value):
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else recipe_dir / path
+        if not path.is_file():
+            raise UserError(f"chat template file not found: {path}")
+        text = path.read_text()
+        return ChatTemplate(str(path), text, guess_end_of_turn(text))
+    if "{{" in value or "{%" in value:
+        return ChatTemplate("inline", value, guess_end_of_turn(value))
+    known = ", ".join(sorted(KNOWN_TEMPLATES))
+    raise UserError(f"unknown chat template {value!r}: use one of {known}, a .jinja file, or the template text")
+
+
+def guess_end_of_turn(text: str) -> str | None:
+    """The end-of-turn token of common template families, recognised by their markers."""
+    for token in ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>"):
+        if token in text:
+            return token
+    return None

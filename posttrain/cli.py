@@ -1,0 +1,245 @@
+"""`posttrain` command line. User errors print one clear message and exit non-zero, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from posttrain.errors import UserError
+
+
+def _registry_for(args):
+    from posttrain.registry import Registry, resolve_root
+
+    if getattr(args, "recipe", None):
+        from posttrain.recipe import load_recipe
+
+        loaded = load_recipe(args.recipe)
+        return Registry(resolve_root(args.registry, loaded.recipe.registry, loaded.dir))
+    return Registry(resolve_root(args.registry))
+
+
+def cmd_validate(args) -> int:
+    from posttrain.recipe import load_recipe
+
+    loaded = load_recipe(args.recipe_file, args.profile, args.overrides)
+    stages = [n for n in loaded.order if loaded.stages[n].kind != "model" or n != "base"]
+    print(f"{args.recipe_file}: ok — {len(stages)} stages: {' -> '.join(stages)}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from posttrain.recipe import load_recipe
+    from posttrain.registry import short
+    from posttrain.runner import open_registry, plan
+
+    loaded = load_recipe(args.recipe_file, args.profile, args.overrides)
+    registry = open_registry(loaded, args.registry)
+    items = plan(loaded, registry)
+    print(f"recipe {loaded.ref_namespace}  registry {registry.root}")
+    width = max(len(i.name) for i in items)
+    for item in items:
+        inputs = ", ".join(sorted(set(loaded.stages[item.name].inputs.values()))) or "-"
+        print(f"  {item.name:<{width}}  {item.kind:<14} {item.status:<7} {short(item.key)}  <- {inputs:<20} {item.reason}")
+    todo = sum(i.status != "cached" for i in items)
+    print(f"{todo} of {len(items)} stages would run")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from posttrain.recipe import load_recipe
+    from posttrain.runner import StageFailed, run
+
+    loaded = load_recipe(args.recipe_file, args.profile, args.overrides)
+    started = time.time()
+    try:
+        result = run(loaded, registry=args.registry)
+    except StageFailed as exc:
+        print(f"posttrain: {exc}", file=sys.stderr)
+        if "resume with" not in str(exc):
+            print(f"  resume with: {loaded.command()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"\nposttrain: interrupted; work so far is kept. Resume with: {loaded.command()}", file=sys.stderr)
+        return 130
+    if result.registry and (not result.ran or True):
+        print(f"{len(result.ran)} ran, {len(result.cached)} cached in {time.time() - started:.1f}s; "
+              f"refs under {loaded.ref_namespace}/ in {result.registry.root}")
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from posttrain.registry import CorruptEntry, short
+
+    registry = _registry_for(args)
+    refs_by_key: dict[str, list[str]] = {}
+    for ref, key in registry.refs().items():
+        refs_by_key.setdefault(key, []).append(ref)
+    keys = registry.keys()
+    if not keys:
+        print(f"registry {registry.root} is empty")
+        return 0
+    print(f"registry {registry.root}")
+    print(f"  {'KEY':<12}  {'KIND':<14} {'CREATED':<16} {'SIZE':>9}  REFS")
+    for key in keys:
+        try:
+            entry = registry.load(key)
+        except CorruptEntry as exc:
+            print(f"  {short(key):<12}  CORRUPT: {exc}")
+            continue
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.manifest.get("timings", {}).get("finished", 0)))
+        size = sum(f["size"] for f in entry.manifest.get("files", {}).values())
+        refs = ", ".join(sorted(refs_by_key.get(key, []))) or "-"
+        print(f"  {short(key):<12}  {entry.kind:<14} {created:<16} {_human(size):>9}  {refs}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from posttrain.model_card import lineage_lines
+    from posttrain.registry import CorruptEntry
+
+    registry = _registry_for(args)
+    key = registry.resolve(args.ref)
+    try:
+        entry = registry.load(key)
+    except CorruptEntry as exc:
+        raise UserError(f"{exc} (run `posttrain verify`; the next run rebuilds it)") from exc
+    except KeyError:
+        raise UserError(f"entry {key[:12]} is not in {registry.root}") from None
+    m = entry.manifest
+    refs = [r for r, k in registry.refs().items() if k == key]
+    print(f"key      {key}\nkind     {m.get('kind')}\nstage    {m.get('stage')} (recipe {m.get('recipe')})")
+    print(f"path     {entry.path}\nrefs     {', '.join(refs) or '-'}")
+    print(f"built    {time.ctime(m.get('timings', {}).get('finished', 0))} in {m.get('timings', {}).get('seconds')}s")
+    print("lineage")
+    print(f"  - {m.get('stage')} ({m.get('kind')})")
+    for line in lineage_lines(registry, m.get("inputs", {}), m.get("input_names", {}), depth=2):
+        print(line.replace("**", "").replace("`", ""))
+    print("config")
+    print("  " + json.dumps(m.get("config", {}), indent=2).replace("\n", "\n  "))
+    metrics = m.get("metrics", {})
+    if metrics:
+        print("metrics")
+        for name, value in sorted(metrics.items()):
+            if isinstance(value, list):
+                value = f"[{len(value)} points] last={value[-1] if value else None}"
+            elif isinstance(value, dict):
+                value = json.dumps(value)[:200]
+            print(f"  {name}: {value}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from posttrain.registry import short
+
+    registry = _registry_for(args)
+    keys = [registry.resolve(r) for r in args.refs] if args.refs else None
+    report = registry.verify(keys)
+    bad = {k: p for k, p in report.items() if p}
+    for key, problems in report.items():
+        for problem in problems:
+            print(f"CORRUPT {short(key)}: {problem}")
+    print(f"verified {len(report)} entries in {registry.root}: {len(report) - len(bad)} ok, {len(bad)} corrupt")
+    if bad:
+        print("corrupt entries are never used; the next run that needs one rebuilds it")
+    return 1 if bad else 0
+
+
+def cmd_gc(args) -> int:
+    import shutil
+
+    registry = _registry_for(args)
+    garbage = registry.garbage(include_work=args.include_work)
+    total = sum(_size(p) for p in garbage)
+    for path in garbage:
+        print(f"{'removing' if args.yes else 'would remove'} {path.relative_to(registry.root)} ({_human(_size(path))})")
+        if args.yes:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    verb = "removed" if args.yes else "would free"
+    print(f"{verb} {_human(total)} in {len(garbage)} items" + ("" if args.yes else "; pass --yes to delete"))
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from posttrain.schema import recipe_schema
+
+    print(json.dumps(recipe_schema(), indent=2))
+    return 0
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="posttrain",
+        description="Post-train a base model into an instruct model from one YAML recipe.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def recipe_verb(name: str, func, help_text: str):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("recipe_file", metavar="RECIPE", help="recipe YAML file")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. stages.sft.training.learning_rate=2e-5")
+        p.add_argument("--profile", "-p", help="apply a named profile from the recipe, e.g. tiny")
+        p.add_argument("--registry", help="registry folder (default: $POSTTRAIN_REGISTRY, the recipe's, or ~/.cache/posttrain/registry)")
+        p.set_defaults(func=func)
+        return p
+
+    recipe_verb("run", cmd_run, "run every stage not already in the registry")
+    recipe_verb("plan", cmd_plan, "show what would run, what is cached, and why")
+    recipe_verb("validate", cmd_validate, "check a recipe and report every error at once (no side effects)")
+
+    def registry_verb(name: str, func, help_text: str):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--registry", help="registry folder")
+        p.add_argument("--recipe", "-r", help="use the registry this recipe names")
+        p.set_defaults(func=func)
+        return p
+
+    registry_verb("ls", cmd_ls, "list registry entries and their refs")
+    show = registry_verb("show", cmd_show, "config, metrics and lineage of one entry")
+    show.add_argument("ref", metavar="REF|KEY", help="recipe/stage ref or key (prefix)")
+    verify = registry_verb("verify", cmd_verify, "check every file of entries against its sha256")
+    verify.add_argument("refs", nargs="*", metavar="REF|KEY")
+    gc = registry_verb("gc", cmd_gc, "remove entries no ref reaches and leftovers of killed runs (dry run unless --yes)")
+    gc.add_argument("--yes", action="store_true", help="really delete")
+    gc.add_argument("--include-work", action="store_true", help="also delete work folders of interrupted runs")
+    schema = sub.add_parser("schema", help="print the recipe JSON schema (for editor autocompletion)")
+    schema.set_defaults(func=cmd_schema)
+    return parser
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops as cleanly as Ctrl-C: locks released, work kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"posttrain: {exc}" if "\n" not in str(exc) else str(exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\nposttrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Compute every stage's registry key from the recipe alone (no stage has to run to know its key)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.fingerprint import FingerprintCache, fingerprint
+from posttrain.recipe.load import LoadedRecipe
+from posttrain.registry import entry_key
+
+
+@dataclass(frozen=True)
+class StageKey:
+    name: str
+    key: str
+    material: dict[str, Any]
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = data
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def compute_keys(loaded: LoadedRecipe, cache: FingerprintCache) -> dict[str, StageKey]:
+    keys: dict[str, StageKey] = {}
+    for name in loaded.order:
+        item = loaded.stages[name]
+        config = item.config.model_dump(mode="json", exclude={"description"})
+        config.pop("seed", None)
+        # Inputs enter the key by their entry keys, not their names: renaming a stage reuses its work.
+        for path in item.inputs:
+            _set_path(config, path, "<input>")
+        inputs = {path: keys[ref].key for path, ref in item.inputs.items()}
+        data = {}
+        for path, value in item.stage.local_files(item.config).items():
+            local = Path(value).expanduser()
+            local = local if local.is_absolute() else loaded.dir / local
+            data[path] = fingerprint(local, cache) if local.exists() else "missing"
+        seed = None
+        if getattr(item.stage, "uses_seed", True):
+            seed = item.config.seed if item.config.seed is not None else loaded.recipe.seed
+        material = {
+            "kind": item.kind,
+            "version": item.stage.version,
+            "config": config,
+            "inputs": inputs,
+            "data": data,
+            "seed": seed,
+        }
+        keys[name] = StageKey(name, entry_key(material), material)
+    cache.save()
+    return keys
+
+
+def explain_change(old: dict[str, Any], new: dict[str, Any], key_names: dict[str, str]) -> str:
+    """Why a stage's key differs from the one its ref pointed at, in words."""
+    reasons = []
+    if old.get("version") != new.get("version"):
+        reasons.append(f"stage code version {old.get('version')} -> {new.get('version')}")
+    if old.get("kind") != new.get("kind"):
+        reasons.append(f"kind {old.get('kind')} -> {new.get('kind')}")
+    for path in sorted(set(old.get("inputs", {})) | set(new.get("inputs", {}))):
+        a, b = old.get("inputs", {}).get(path), new.get("inputs", {}).get(path)
+        if a != b:
+            reasons.append(f"input {path} ({key_names.get(b, '?')}) changed")
+    for path in sorted(set(old.get("data", {})) | set(new.get("data", {}))):
+        if old.get("data", {}).get(path) != new.get("data", {}).get(path):
+            reasons.append(f"contents of {path} changed")
+    for path, (a, b) in _diff(old.get("config", {}), new.get("config", {})).items():
+        reasons.append(f"{path}: {a!r} -> {b!r}")
+    if old.get("seed") != new.get("seed"):
+        reasons.append(f"seed {old.get('seed')} -> {new.get('seed')}")
+    if not reasons:
+        return "settings changed"
+    more = f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else ""
+    return "; ".join(reasons[:3]) + more
+
+
+_MISSING = "<unset>"
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: dict[str, tuple[Any, Any]] = {}
+        for key in sorted(set(a) | set(b), key=str):
+            out.update(_diff(a.get(key, _MISSING), b.get(key, _MISSING), f"{prefix}{key}."))
+        return out
+    return {} if a == b else {prefix.rstrip("."): (a, b)}

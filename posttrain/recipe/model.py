@@ -1,0 +1,83 @@
+"""The recipe's top-level shape. Stage bodies are validated separately, by their kind's own config model."""
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Names become directory names in the registry (`refs/<recipe>/<stage>`), so they are restricted to
+# characters that cannot form a path separator or a parent reference.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+RESERVED_NAMES = {"base"}
+
+
+def check_name(value: str, what: str = "name") -> str:
+    if not _NAME_RE.match(value) or ".." in value:
+        raise ValueError(
+            f"{what} {value!r} must start with a letter or digit and use only letters, digits, '_', '.', '-' "
+            "(and no '..')"
+        )
+    return value
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors, never silently ignored (a typo must not become a default)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(StrictModel):
+    """A model the recipe starts from: a hub id (with revision) or a local Hugging Face folder."""
+
+    model: str = Field(description="Hub id (org/name) or local folder, relative to the recipe file.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit). Pin it for reproducibility.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype the stages load this model in."
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer hub id or folder; defaults to the model's own.")
+    chat_template: str | None = Field(
+        None,
+        description="A known template name (e.g. 'llama-3.1'), a path to a .jinja file, or the template text.",
+    )
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model. Only when you trust it.")
+
+
+class Recipe(StrictModel):
+    """A whole recipe after profiles and overrides are applied."""
+
+    name: str = Field(description="Recipe name; refs are stored as <name>/<stage>.")
+    description: str | None = None
+    base: ModelSpec
+    models: dict[str, ModelSpec] = Field(
+        default_factory=dict, description="Further named models (teachers, references) stages may refer to."
+    )
+    registry: str | None = Field(None, description="Registry folder (relative to the recipe file).")
+    seed: int = 42
+    defaults: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Settings applied to every stage of a kind: defaults.<kind>.<key>."
+    )
+    stages: dict[str, dict[str, Any]] = Field(description="Named stages; each has a `kind`.")
+    profiles: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Named partial recipes deep-merged over this one (--profile NAME)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v, "recipe name")
+
+    @field_validator("models", "stages", "profiles")
+    @classmethod
+    def _names(cls, v: dict) -> dict:
+        for key in v:
+            check_name(str(key), "name")
+        return v
+
+    @field_validator("stages")
+    @classmethod
+    def _not_empty(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("a recipe needs at least one stage")
+        return v

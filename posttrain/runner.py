@@ -1,0 +1,276 @@
+"""Run a recipe's stage graph over the registry: skip what exists, build the rest, resume what was cut."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import UserError
+from posttrain.fingerprint import FingerprintCache
+from posttrain.keys import StageKey, compute_keys, explain_change
+from posttrain.model_card import write_model_card
+from posttrain.recipe.load import LoadedRecipe, load_recipe
+from posttrain.registry import CorruptEntry, Entry, Registry, resolve_root, short
+from posttrain.stages import StageContext
+
+log = logging.getLogger("posttrain")
+LIBRARIES = ("posttrain", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "mergekit", "lm_eval")
+STAGE_LOG = "stage.log"
+
+
+class StageFailed(Exception):
+    """A stage raised: the message names the stage, the cause, and how to resume."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class PlanItem:
+    name: str
+    kind: str
+    key: str
+    status: str  # cached | run | resume | rebuild
+    reason: str
+
+
+@dataclass
+class RunResult:
+    recipe: LoadedRecipe
+    registry: Registry
+    entries: dict[str, Entry] = field(default_factory=dict)
+    ran: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+
+    def path(self, stage: str) -> Path:
+        return self.entries[stage].path
+
+    def metrics(self, stage: str) -> dict[str, Any]:
+        return self.entries[stage].manifest.get("metrics", {})
+
+
+def rank_info() -> tuple[int, int]:
+    """This process's rank and the world size under torchrun / accelerate launch (0, 1 otherwise)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def open_registry(loaded: LoadedRecipe, registry: str | Path | None = None) -> Registry:
+    return Registry(resolve_root(str(registry) if registry else None, loaded.recipe.registry, loaded.dir))
+
+
+def plan(loaded: LoadedRecipe, registry: Registry) -> list[PlanItem]:
+    """What `run` would do for each stage, and why, without running or writing anything."""
+    keys = compute_keys(loaded, FingerprintCache(registry.root / "cache" / "fingerprints.json"))
+    names = {k.key: n for n, k in keys.items()}
+    items = []
+    for name in loaded.order:
+        key = keys[name]
+        kind = loaded.stages[name].kind
+        try:
+            registry.load(key.key)
+            items.append(PlanItem(name, kind, key.key, "cached", "entry exists"))
+            continue
+        except CorruptEntry as exc:
+            items.append(PlanItem(name, kind, key.key, "rebuild", f"corrupt entry will be set aside: {exc}"))
+            continue
+        except KeyError:
+            pass
+        if (registry.work_dir(key.key) / STAGE_LOG).exists():
+            items.append(PlanItem(name, kind, key.key, "resume", "an interrupted run left its work folder"))
+            continue
+        items.append(PlanItem(name, kind, key.key, "run", _why_new(loaded, registry, name, key, names)))
+    return items
+
+
+def _why_new(loaded: LoadedRecipe, registry: Registry, name: str, key: StageKey, names: dict[str, str]) -> str:
+    old_key = registry.get_ref(f"{loaded.ref_namespace}/{name}")
+    if old_key is None:
+        return "never built"
+    old = registry.get(old_key)
+    if old is None:
+        return f"previous entry {short(old_key)} is gone"
+    return explain_change(old.manifest.get("key_material", {}), key.material, names)
+
+
+def run(
+    recipe: str | Path | LoadedRecipe,
+    profile: str | None = None,
+    overrides: list[str] | tuple = (),
+    registry: str | Path | Registry | None = None,
+    echo=print,
+) -> RunResult:
+    """Run every stage of a recipe that is not already in the registry. Python API of `posttrain run`."""
+    loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe, profile, list(overrides))
+    reg = registry if isinstance(registry, Registry) else open_registry(loaded, registry)
+    rank, world = rank_info()
+    keys = compute_keys(loaded, FingerprintCache(reg.root / "cache" / "fingerprints.json"))
+    result = RunResult(loaded, reg)
+    total = len(loaded.order)
+    for index, name in enumerate(loaded.order, 1):
+        item = loaded.stages[name]
+        key = keys[name].key
+        prefix = f"[{index}/{total}] {name:<14} {item.kind:<14}"
+        entry = _reusable(reg, key, echo, prefix)
+        if entry is None:
+            entry = _build(loaded, reg, name, keys, result, rank, world, echo, prefix)
+            result.ran.append(name)
+        else:
+            result.cached.append(name)
+            if rank == 0:
+                echo(f"{prefix} cached   {short(key)}")
+        if rank == 0:
+            reg.set_ref(f"{loaded.ref_namespace}/{name}", key)
+        result.entries[name] = entry
+    return result
+
+
+def _reusable(reg: Registry, key: str, echo, prefix: str) -> Entry | None:
+    try:
+        return reg.load(key)
+    except KeyError:
+        return None
+    except CorruptEntry as exc:
+        echo(f"{prefix} corrupt  {short(key)}: {exc}; setting it aside and rebuilding")
+        return None
+
+
+def _build(loaded, reg, name, keys, result, rank, world, echo, prefix) -> Entry:
+    key = keys[name].key
+    if rank != 0:
+        return _build_as_follower(loaded, reg, name, keys, result, rank, world)
+    waited = []
+    with reg.lock(key, on_wait=lambda: (waited.append(1), echo(f"{prefix} waiting: another process is building {short(key)}"))):
+        try:  # another process may have finished it while we waited for the lock
+            entry = reg.load(key)
+            echo(f"{prefix} cached   {short(key)} (built by another process)")
+            return entry
+        except CorruptEntry:
+            reg.discard(key)
+        except KeyError:
+            pass
+        work = reg.work_dir(key)
+        resuming = (work / STAGE_LOG).exists()
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "FAILED").unlink(missing_ok=True)
+        tmp = reg.fresh_tmp_dir(key)
+        echo(f"{prefix} {'resuming' if resuming else 'running '} {short(key)}  (log: {work / STAGE_LOG})")
+        started = time.time()
+        metrics = _run_stage(loaded, name, keys, result, tmp, work, rank, world)
+        manifest = _manifest(loaded, name, keys, result, metrics, started)
+        shutil.copy2(work / STAGE_LOG, tmp / "posttrain.log")
+        if loaded.stages[name].stage.produces == "model":
+            write_model_card(tmp, manifest, reg)
+        entry = reg.commit(key, tmp, manifest)
+        echo(f"{prefix} done     {short(key)}  {time.time() - started:.1f}s")
+        return entry
+
+
+def _run_stage(loaded, name, keys, result, out_dir: Path, work: Path, rank: int, world: int) -> dict[str, Any]:
+    item = loaded.stages[name]
+    inputs = {path: _as_input(result.entries[ref]) for path, ref in item.inputs.items()}
+    seed = item.config.seed if item.config.seed is not None else loaded.recipe.seed
+    stage_log = logging.getLogger(f"posttrain.stage.{name}")
+    ctx = StageContext(name, inputs, out_dir, work, loaded.dir, seed, rank, world, stage_log)
+    handler = logging.FileHandler(work / STAGE_LOG if rank == 0 else work / f"rank{rank}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous_level = root.level
+    root.setLevel(min(previous_level, logging.INFO) if previous_level else logging.INFO)
+    stage_log.info("stage %s (%s) key %s starting; config: %s", name, item.kind, keys[name].key,
+                   json.dumps(item.config.model_dump(mode="json")))
+    try:
+        return item.stage.run(item.config, ctx) or {}
+    except UserError as exc:
+        stage_log.error("%s", exc)
+        _mark_failed(work, out_dir, rank)
+        raise StageFailed(f"stage {name!r} ({item.kind}) failed: {exc}", exit_code=exc.exit_code) from exc
+    except (KeyboardInterrupt, SystemExit):
+        stage_log.error("interrupted")
+        _mark_failed(work, out_dir, rank)
+        raise
+    except Exception as exc:  # a bug or an environment problem: keep the traceback in the log
+        stage_log.error("failed:\n%s", traceback.format_exc())
+        _mark_failed(work, out_dir, rank)
+        raise StageFailed(
+            f"stage {name!r} ({item.kind}) failed: {type(exc).__name__}: {exc}\n"
+            f"  traceback: {work / STAGE_LOG}\n"
+            f"  resume with: {loaded.command()}"
+        ) from exc
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+        handler.close()
+
+
+def _mark_failed(work: Path, out_dir: Path, rank: int) -> None:
+    if rank == 0:
+        (work / "FAILED").write_text(str(time.time()))
+        shutil.rmtree(out_dir, ignore_errors=True)  # nothing half-written stays in the registry
+
+
+def _build_as_follower(loaded, reg: Registry, name, keys, result, rank: int, world: int) -> Entry:
+    """Ranks > 0 take part in the stage (collectives need every rank) but never write the registry."""
+    key = keys[name].key
+    work = reg.work_dir(key)
+    scratch = work / f"rank{rank}-scratch"
+    for _ in range(600):  # rank 0 creates the work folder under its lock
+        if work.exists():
+            break
+        time.sleep(0.1)
+    scratch.mkdir(parents=True, exist_ok=True)
+    _run_stage(loaded, name, keys, result, scratch, work, rank, world)
+    while True:
+        entry = reg.get(key)
+        if entry is not None:
+            return entry
+        if (work / "FAILED").exists():
+            raise StageFailed(f"stage {name!r} failed on rank 0; see {work / STAGE_LOG}")
+        time.sleep(0.2)
+
+
+def _as_input(entry: Entry):
+    from posttrain.stages import InputEntry
+
+    return InputEntry(entry.key, entry.path, entry.kind, entry.manifest)
+
+
+def _manifest(loaded: LoadedRecipe, name: str, keys, result: RunResult, metrics: dict, started: float) -> dict:
+    item = loaded.stages[name]
+    return {
+        "kind": item.kind,
+        "stage": name,
+        "recipe": loaded.recipe.name,
+        "recipe_file": str(loaded.path),
+        "profile": loaded.profile,
+        "ref": f"{loaded.ref_namespace}/{name}",
+        "inputs": {path: keys[ref].key for path, ref in item.inputs.items()},
+        "input_names": dict(item.inputs),
+        "config": item.config.model_dump(mode="json"),
+        "key_material": keys[name].material,
+        "metrics": metrics,
+        "versions": library_versions(),
+        "timings": {"started": started, "finished": time.time(), "seconds": round(time.time() - started, 3)},
+        "host": {"python": platform.python_version(), "platform": platform.platform(), "argv": sys.argv},
+    }
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name.replace("_", "-"))
+        except PackageNotFoundError:
+            continue
+    return found

@@ -1,0 +1,48 @@
+"""Stage kinds: one explicit table for ours, plus the `posttrain.stages` entry-point group for others."""
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+from importlib.metadata import entry_points
+
+from posttrain.errors import UserError
+from posttrain.stages.base import InputEntry, Stage, StageConfig, StageContext
+
+# kind -> "module:Class". Modules are imported on first use; they import torch & co. only inside run().
+BUILTIN_STAGES: dict[str, str] = {
+    "model": "posttrain.stages.model:ModelStage",
+}
+
+ENTRY_POINT_GROUP = "posttrain.stages"
+
+
+@lru_cache(maxsize=1)
+def _plugin_targets() -> dict[str, str]:
+    found = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in BUILTIN_STAGES:  # ours win: a plugin cannot silently replace a built-in kind
+            found[ep.name] = ep.value
+    return found
+
+
+def known_kinds() -> list[str]:
+    return sorted(set(BUILTIN_STAGES) | set(_plugin_targets()))
+
+
+@lru_cache(maxsize=None)
+def get_stage(kind: str) -> Stage:
+    target = BUILTIN_STAGES.get(kind) or _plugin_targets().get(kind)
+    if target is None:
+        raise UserError(f"unknown stage kind {kind!r}; known kinds: {', '.join(known_kinds())}")
+    module_name, _, attr = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"stage kind {kind!r} could not be loaded from {target!r}: {exc}") from exc
+    stage = cls()
+    if getattr(stage, "kind", None) != kind:
+        raise UserError(f"stage kind {kind!r} at {target!r} declares kind {getattr(stage, 'kind', None)!r}")
+    return stage
+
+
+__all__ = ["BUILTIN_STAGES", "InputEntry", "Stage", "StageConfig", "StageContext", "get_stage", "known_kinds"]

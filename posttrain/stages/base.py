@@ -1,0 +1,86 @@
+"""What a stage is: a config model, its inputs, and a `run` that fills a fresh directory.
+
+Stages know nothing about the registry or the recipe's other stages: the runner hands them resolved
+inputs (folders of finished entries) and an output folder, and stores what they write.
+Heavy libraries (torch, transformers, trl) are imported inside `run`, so validating or planning a
+recipe stays fast.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from posttrain.recipe.model import StrictModel
+
+
+class StageConfig(StrictModel):
+    """Fields every stage has. A kind's config subclasses this and narrows `kind` to a Literal."""
+
+    kind: str
+    description: str | None = None
+    seed: int | None = Field(None, description="Overrides the recipe seed for this stage.")
+
+
+@dataclass(frozen=True)
+class InputEntry:
+    """A finished registry entry a stage reads from."""
+
+    key: str
+    path: Path
+    kind: str
+    manifest: dict[str, Any]
+
+
+@dataclass
+class StageContext:
+    """Everything a running stage may use besides its config."""
+
+    name: str
+    inputs: dict[str, InputEntry]
+    out_dir: Path  # fresh and empty; everything written here becomes the entry
+    work_dir: Path  # survives failures and kills: keep in-stage checkpoints here to resume
+    recipe_dir: Path
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("posttrain.stage"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def resolve(self, path: str | Path) -> Path:
+        """Paths in a recipe are relative to the recipe file, so a recipe runs from any directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.recipe_dir / p)
+
+
+class Stage:
+    """Base class for stage kinds. Subclasses set the class attributes and implement `run`."""
+
+    kind: ClassVar[str]
+    # Bump when a change would make the stage produce different output for the same config: it is
+    # part of every entry's key, so old entries are not reused by mistake.
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type[StageConfig]]
+    produces: ClassVar[Literal["model", "logits", "eval", "files"]] = "model"
+
+    def inputs(self, config: StageConfig) -> dict[str, str]:
+        """Map each input's dotted config path to the stage or model name it refers to."""
+        return {}
+
+    def local_files(self, config: StageConfig) -> dict[str, str]:
+        """Map dotted config paths to local files/folders this stage reads (checked, fingerprinted)."""
+        return {}
+
+    def validate(self, config: StageConfig, ctx_recipe_dir: Path) -> list[tuple[str, str]]:
+        """Extra checks that need more than the config model: (dotted path, message) pairs."""
+        return []
+
+    def run(self, config: StageConfig, ctx: StageContext) -> dict[str, Any]:
+        """Do the work, write the result into `ctx.out_dir`, and return metrics for the manifest."""
+        raise NotImplementedError  # abstract: every registered kind overrides it

@@ -1,0 +1,44 @@
+"""Stage kinds used only by the tests, registered through the `posttrain.stages` entry-point group
+exactly as a third-party package would register its own."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Literal
+
+from posttrain.stages import Stage, StageConfig, StageContext
+
+
+class CountConfig(StageConfig):
+    kind: Literal["count"] = "count"
+    model: str = "base"
+    steps: int = 3
+    sleep: float = 0.0
+    label: str = "x"
+
+
+class CountStage(Stage):
+    """Counts to `steps`, saving progress to the work folder after each step so a re-run resumes."""
+
+    kind = "count"
+    version = "1"
+    Config = CountConfig
+    produces = "files"
+
+    def inputs(self, config: CountConfig) -> dict[str, str]:
+        return {"model": config.model}
+
+    def run(self, config: CountConfig, ctx: StageContext) -> dict:
+        progress_file = ctx.work_dir / "progress.json"
+        start = json.loads(progress_file.read_text())["done"] if progress_file.exists() else 0
+        runs_file = ctx.work_dir.parent.parent / "count-runs.log"  # test bookkeeping, outside entries
+        with open(runs_file, "a") as fh:
+            fh.write(f"{ctx.name} {config.label} pid={os.getpid()} start={start}\n")
+        for step in range(start, config.steps):
+            time.sleep(config.sleep)
+            progress_file.write_text(json.dumps({"done": step + 1}))
+        upstream = ctx.inputs["model"]
+        (ctx.out_dir / "result.json").write_text(json.dumps({"count": config.steps, "label": config.label,
+                                                             "input": upstream.key}))
+        return {"steps": config.steps, "resumed_from": start}
