@@ -35,9 +35,13 @@ class CountStage(Stage):
         runs_file = ctx.work_dir.parent.parent / "count-runs.log"  # test bookkeeping, outside entries
         with open(runs_file, "a") as fh:
             fh.write(f"{ctx.name} {config.label} pid={os.getpid()} start={start}\n")
+        if config.label == "boom" and os.environ.get("COUNT_FAIL"):
+            raise RuntimeError("label boom asked to fail")
         for step in range(start, config.steps):
             time.sleep(config.sleep)
-            progress_file.write_text(json.dumps({"done": step + 1}))
+            tmp = progress_file.with_suffix(".tmp")  # atomic, so a kill never leaves a torn checkpoint
+            tmp.write_text(json.dumps({"done": step + 1}))
+            os.replace(tmp, progress_file)
         upstream = ctx.inputs["model"]
         (ctx.out_dir / "result.json").write_text(json.dumps({"count": config.steps, "label": config.label,
                                                              "input": upstream.key}))
