@@ -11,6 +11,7 @@ from posttrain.stages.base import InputEntry, Stage, StageConfig, StageContext
 # kind -> "module:Class". Modules are imported on first use; they import torch & co. only inside run().
 BUILTIN_STAGES: dict[str, str] = {
     "model": "posttrain.stages.model:ModelStage",
+    "sft": "posttrain.stages.sft:SFTStage",
 }
 
 ENTRY_POINT_GROUP = "posttrain.stages"

@@ -1,0 +1,1 @@
+"""The data layer every training stage shares: sources, formats, mixtures, validation."""

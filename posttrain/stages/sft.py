@@ -1,0 +1,78 @@
+"""`kind: sft`: supervised fine-tuning on trl's SFTTrainer, full or LoRA, loss on assistant tokens.
+
+With LoRA the entry is the merged full model (adapter kept in `adapter/`), so the next stage takes it
+like any other checkpoint.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from posttrain.data.sources import DataConfig
+from posttrain.recipe.model import StrictModel
+from posttrain.stages.base import Stage, StageConfig, StageContext
+
+# Set by posttrain itself: a recipe must not override these through `training:`.
+RESERVED_TRAINING_KEYS = {"output_dir", "max_length", "assistant_only_loss", "packing", "padding_free",
+                          "gradient_checkpointing", "activation_checkpointing", "seed", "dataset_text_field", "resume_from_checkpoint"}
+
+
+class LoraSettings(StrictModel):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class SFTStageConfig(StageConfig):
+    kind: Literal["sft"] = "sft"
+    model: str = Field("base", description="Stage or model to fine-tune.")
+    data: DataConfig
+    lora: LoraSettings | None = Field(None, description="Train a LoRA adapter (merged into the output).")
+    assistant_only_loss: bool = Field(True, description="Loss on assistant tokens only (chat data).")
+    packing: bool = False
+    padding_free: bool = False
+    gradient_checkpointing: bool = False
+    save_steps: int = Field(50, gt=0, description="In-stage checkpoint interval (for resume).")
+    training: dict[str, Any] = Field(default_factory=dict, description="Any trl SFTConfig / TrainingArguments field.")
+
+
+class SFTStage(Stage):
+    kind = "sft"
+    version = "1"
+    Config = SFTStageConfig
+    produces = "model"
+
+    def inputs(self, config: SFTStageConfig) -> dict[str, str]:
+        return {"model": config.model}
+
+    def local_files(self, config: SFTStageConfig) -> dict[str, str]:
+        return {f"data.sources.{i}.path": s.path for i, s in enumerate(config.data.sources) if s.path}
+
+    def validate(self, config: SFTStageConfig, recipe_dir: Path) -> list[tuple[str, str]]:
+        return check_training_keys(config.training)
+
+    def run(self, config: SFTStageConfig, ctx: StageContext) -> dict[str, Any]:
+        from posttrain.training.sft_run import run_sft
+
+        return run_sft(config, ctx)
+
+
+def check_training_keys(training: dict[str, Any], trl_config=("trainer/sft_config.py", "SFTConfig")) -> list[tuple[str, str]]:
+    from posttrain.training_fields import trainer_fields
+
+    known = trainer_fields(trl_config)
+    problems = []
+    for key in training:
+        if key in RESERVED_TRAINING_KEYS:
+            problems.append((f"training.{key}", "set by posttrain; use the stage's own setting instead"))
+        elif known and key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append((f"training.{key}", f"not a TrainingArguments/SFTConfig field{hint}"))
+    return problems
+
+

@@ -1,0 +1,1 @@
+"""Training code shared by the training stages (imports torch & co.: only loaded when a stage runs)."""

@@ -1,0 +1,21 @@
+"""In-stage checkpoints: which one a resumed run may trust."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest `checkpoint-N` that finished writing.
+
+    The Trainer writes `trainer_state.json` after the weights, optimizer, scheduler and RNG states, so a
+    checkpoint without it was cut short by a kill and must not be resumed from (transformers'
+    get_last_checkpoint would pick it anyway).
+    """
+    if not folder.is_dir():
+        return None
+    done = [(int(m.group(1)), p) for p in folder.iterdir()
+            if (m := _CHECKPOINT.match(p.name)) and (p / "trainer_state.json").is_file()]
+    return max(done)[1] if done else None

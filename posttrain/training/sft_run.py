@@ -1,0 +1,138 @@
+"""The body of the SFT stage: data -> tokens with masked labels -> trl SFTTrainer -> HF folder."""
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any
+
+from posttrain.data.sources import load_conversations
+from posttrain.errors import UserError
+from posttrain.stages.base import StageContext
+from posttrain.training.checkpoints import last_complete_checkpoint
+from posttrain.training.tokenize import IGNORE, tokenize_row
+
+
+def build_dataset(config, tokenizer, ctx: StageContext):
+    """Tokenised train (and eval) datasets plus data metrics."""
+    import datasets
+
+    rows, stats = load_conversations(config.data, ctx.recipe_dir, ctx.seed)
+    records, truncated, dropped = [], 0, 0
+    for row in rows:
+        ids, labels, was_truncated = tokenize_row(tokenizer, row, config.data.max_length, config.assistant_only_loss)
+        if was_truncated and config.data.overlong == "drop":
+            dropped += 1
+            continue
+        if all(label == IGNORE for label in labels):
+            dropped += 1  # truncation cut every assistant token: nothing to learn from
+            continue
+        truncated += was_truncated
+        records.append({"input_ids": ids, "labels": labels})
+    if not records:
+        raise UserError("no training samples left after dropping over-long rows (raise data.max_length)")
+    dataset = datasets.Dataset.from_list(records)
+    stats.update(truncated_samples=truncated, dropped_samples=dropped)
+    eval_dataset = None
+    if config.data.test_size:
+        size = config.data.test_size
+        split = dataset.train_test_split(test_size=size if size < 1 else int(size), seed=ctx.seed)
+        dataset, eval_dataset = split["train"], split["test"]
+    stats["train_samples"] = len(dataset)
+    stats["eval_samples"] = len(eval_dataset) if eval_dataset is not None else 0
+    return dataset, eval_dataset, stats
+
+
+def run_sft(config, ctx: StageContext) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from posttrain.tokenizer_setup import write_generation_config
+
+    source = ctx.inputs["model"].path
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train, evaluation, metrics = build_dataset(config, tokenizer, ctx)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+    checkpoints = ctx.work_dir / "checkpoints"
+    training = dict(config.training)
+    training.setdefault("logging_steps", 1)
+    training.setdefault("report_to", ["tensorboard"])
+    training.setdefault("save_total_limit", 2)
+    if evaluation is not None:
+        training.setdefault("eval_strategy", "epoch")
+    if not torch.cuda.is_available():
+        # trl defaults to bf16, which the Trainer refuses on a CPU unless told it is a CPU run.
+        training.setdefault("use_cpu", True)
+        training.setdefault("bf16", False)
+    args = SFTConfig(
+        output_dir=str(checkpoints),
+        seed=ctx.seed,
+        max_length=config.data.max_length,
+        packing=config.packing,
+        padding_free=config.padding_free,
+        # trl turns checkpointing on by default; ours is explicit (and uses the non-deprecated name).
+        activation_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing=None,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        **training,
+    )
+    peft_config = None
+    if config.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                                 target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                         processing_class=tokenizer, peft_config=peft_config)
+    last = last_complete_checkpoint(checkpoints)
+    started = time.time()
+    output = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    seconds = time.time() - started
+
+    trained = trainer.model
+    if ctx.is_main:
+        if config.lora:
+            trained.save_pretrained(ctx.out_dir / "adapter")
+            trained = trained.merge_and_unload()
+        trained.save_pretrained(ctx.out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(ctx.out_dir)
+        write_generation_config(ctx.out_dir, tokenizer)
+        runs = checkpoints / "runs"
+        if runs.is_dir():
+            shutil.copytree(runs, ctx.out_dir / "tensorboard", dirs_exist_ok=True)
+
+    history = trainer.state.log_history
+    lengths = [len(ids) for ids in train["input_ids"]]
+    epochs = float(trainer.state.epoch or 0)
+    metrics.update(
+        loss=[{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+        eval_loss=[{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        final_train_loss=output.training_loss,
+        steps=trainer.state.global_step,
+        resumed_from_step=int(last.name.rsplit("-", 1)[1]) if last else 0,
+        tokens_seen=int(sum(lengths) * epochs),
+        tokens_per_second=round(sum(lengths) * epochs / max(seconds, 1e-9), 1),
+        label_tokens=int(sum(sum(1 for t in labels if t != IGNORE) for labels in train["labels"])),
+        padding_fraction=_padding_fraction(lengths, args.per_device_train_batch_size, config.packing or config.padding_free),
+        lora=bool(config.lora),
+        gradient_checkpointing=bool(args.activation_checkpointing),
+        torch_dtype=str(next(trained.parameters()).dtype).replace("torch.", ""),
+    )
+    if metrics["eval_loss"]:
+        metrics["final_eval_loss"] = metrics["eval_loss"][-1]["eval_loss"]
+    return metrics
+
+
+def _padding_fraction(lengths: list[int], batch_size: int, no_padding: bool) -> float:
+    """Share of pad tokens when consecutive samples are batched and padded to the longest."""
+    if no_padding or not lengths:
+        return 0.0
+    padded = real = 0
+    for i in range(0, len(lengths), batch_size):
+        batch = lengths[i:i + batch_size]
+        padded += max(batch) * len(batch)
+        real += sum(batch)
+    return round(1 - real / padded, 4)

@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Write the small synthetic chat datasets in data/ (deterministic; committed, rerun only to change them).
+
+    python scripts/make_tiny_data.py
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+WORDS = ["cat", "dog", "bird", "fish", "tree", "sky", "sea", "sun", "red", "blue", "green", "one", "two"]
+
+
+def chat_rows(seed: int, count: int) -> list[dict]:
+    """Two learnable skills: adding small numbers and reversing a word."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        if rng.random() < 0.5:
+            a, b = rng.randint(0, 20), rng.randint(0, 20)
+            rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                                      {"role": "assistant", "content": f"{a + b}"}]})
+        else:
+            word = rng.choice(WORDS)
+            rows.append({"messages": [{"role": "user", "content": f"Reverse the word {word}."},
+                                      {"role": "assistant", "content": word[::-1]}]})
+    return rows
+
+
+def main() -> None:
+    out = DATA / "sft"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, seed, count in (("tiny_chat_train.jsonl", 1, 256), ("tiny_chat_heldout.jsonl", 2, 64)):
+        with open(out / name, "w") as fh:
+            for row in chat_rows(seed, count):
+                fh.write(json.dumps(row) + "\n")
+        print(f"wrote {out / name} ({count} rows)")
+
+
+if __name__ == "__main__":
+    main()
