@@ -8,6 +8,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "run": ("posttrain.runner", "run"),
+    "sft": ("posttrain.api", "sft"),
+    "run_stage": ("posttrain.api", "run_stage"),
     "plan": ("posttrain.runner", "plan"),
     "load_recipe": ("posttrain.recipe", "load_recipe"),
     "Registry": ("posttrain.registry", "Registry"),

@@ -147,3 +147,61 @@ def test_killed_sft_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypat
     b = load_file(resumed.path("sft") / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["packing", "padding_free"])
+def test_packing_and_padding_free_train_and_report_no_padding(tmp_path, mode):
+    import yaml
+
+    recipe = sft_recipe(tmp_path, steps=6)
+    data = yaml.safe_load(recipe.read_text())
+    data["stages"]["sft"][mode] = True
+    recipe.write_text(yaml.safe_dump(data))
+    metrics = posttrain.run(recipe).metrics("sft")
+    losses = [p["loss"] for p in metrics["loss"]]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert metrics["padding_fraction"] == 0.0
+
+
+def test_python_api_registers_its_output_like_the_cli(tmp_path, registry_dir):
+    from transformers import AutoModelForCausalLM
+
+    path = posttrain.sft(model=TINY_MODEL, data=TRAIN, chat_template="llama-3.1", max_steps=3,
+                         per_device_train_batch_size=8)
+    assert path.parent == registry_dir / "entries"
+    AutoModelForCausalLM.from_pretrained(path)
+    assert "api-sft/sft" in posttrain.Registry(registry_dir).refs()
+    again = posttrain.sft(model=TINY_MODEL, data=TRAIN, chat_template="llama-3.1", max_steps=3,
+                          per_device_train_batch_size=8)
+    assert again == path  # cached: same inputs, same entry
+
+
+def test_chat_data_without_a_template_is_one_clear_error(tmp_path, capsys):
+    import yaml
+
+    recipe = sft_recipe(tmp_path, steps=2)
+    data = yaml.safe_load(recipe.read_text())
+    del data["base"]["chat_template"]
+    recipe.write_text(yaml.safe_dump(data))
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "has no chat template" in err and "set base.chat_template" in err and "Traceback" not in err
+
+
+def test_editing_the_data_file_reruns_sft_and_nothing_else(tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    local = tmp_path / "train.jsonl"
+    shutil.copy(TRAIN, local)
+    recipe = sft_recipe(tmp_path, steps=2)
+    data = yaml.safe_load(recipe.read_text())
+    data["stages"]["sft"]["data"]["sources"] = [{"path": "train.jsonl"}]
+    recipe.write_text(yaml.safe_dump(data))
+    posttrain.run(recipe)
+    local.write_text(local.read_text() + json.dumps({"prompt": "hi", "completion": "there"}) + "\n")
+    capsys.readouterr()
+    assert main(["plan", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "contents of data.sources.0.path changed" in out and "1 of 2 stages would run" in out

@@ -77,13 +77,19 @@ class _Origins:
 def load_recipe(path: str | Path, profile: str | None = None, overrides: list[str] | tuple = ()) -> LoadedRecipe:
     """Load and fully validate a recipe. Raises RecipeError listing every problem found."""
     path = Path(path)
-    shown = str(path)
     if not path.is_file():
         raise UserError(f"recipe file not found: {path}")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read recipe {path}: {exc}") from exc
+    return load_recipe_text(text, path, profile, overrides)
+
+
+def load_recipe_text(text: str, path: Path, profile: str | None = None, overrides: list[str] | tuple = (),
+                     shown: str | None = None) -> LoadedRecipe:
+    """Validate recipe text as if read from `path` (relative paths resolve against its folder)."""
+    shown = shown or str(path)
     data, lines, problems = load_yaml_with_lines(text, shown)
     if problems and data is None:
         raise RecipeError(problems)

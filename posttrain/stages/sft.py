@@ -32,6 +32,8 @@ class SFTStageConfig(StageConfig):
     model: str = Field("base", description="Stage or model to fine-tune.")
     data: DataConfig
     lora: LoraSettings | None = Field(None, description="Train a LoRA adapter (merged into the output).")
+    chat_template: str | None = Field(
+        None, description="Replace the input's chat template (a known name, .jinja file or text); saved in the output.")
     assistant_only_loss: bool = Field(True, description="Loss on assistant tokens only (chat data).")
     packing: bool = False
     padding_free: bool = False
@@ -53,7 +55,16 @@ class SFTStage(Stage):
         return {f"data.sources.{i}.path": s.path for i, s in enumerate(config.data.sources) if s.path}
 
     def validate(self, config: SFTStageConfig, recipe_dir: Path) -> list[tuple[str, str]]:
-        return check_training_keys(config.training)
+        problems = check_training_keys(config.training)
+        if config.chat_template:
+            from posttrain.chat_templates import resolve_chat_template
+            from posttrain.errors import UserError
+
+            try:
+                resolve_chat_template(config.chat_template, recipe_dir)
+            except UserError as exc:
+                problems.append(("chat_template", str(exc)))
+        return problems
 
     def run(self, config: SFTStageConfig, ctx: StageContext) -> dict[str, Any]:
         from posttrain.training.sft_run import run_sft

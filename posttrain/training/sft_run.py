@@ -42,17 +42,32 @@ def build_dataset(config, tokenizer, ctx: StageContext):
     return dataset, eval_dataset, stats
 
 
+def load_chat_tokenizer(source, chat_template: str | None, ctx: StageContext):
+    """The input's tokenizer, with the stage's template (and its EOS) attached when one is given."""
+    from transformers import AutoTokenizer
+
+    from posttrain.chat_templates import resolve_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if chat_template:
+        template = resolve_chat_template(chat_template, ctx.recipe_dir)
+        tokenizer.chat_template = template.text
+        if template.end_of_turn:
+            tokenizer.eos_token = template.end_of_turn
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def run_sft(config, ctx: StageContext) -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from posttrain.tokenizer_setup import write_generation_config
 
     source = ctx.inputs["model"].path
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_chat_tokenizer(source, config.chat_template, ctx)
     train, evaluation, metrics = build_dataset(config, tokenizer, ctx)
     model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
     checkpoints = ctx.work_dir / "checkpoints"
@@ -69,7 +84,9 @@ def run_sft(config, ctx: StageContext) -> dict[str, Any]:
     args = SFTConfig(
         output_dir=str(checkpoints),
         seed=ctx.seed,
-        max_length=config.data.max_length,
+        # Samples are already cut to data.max_length above; with packing it is also the packed length.
+        # trl refuses a max_length it would not enforce (padding-free without packing).
+        max_length=None if config.padding_free and not config.packing else config.data.max_length,
         packing=config.packing,
         padding_free=config.padding_free,
         # trl turns checkpointing on by default; ours is explicit (and uses the non-deprecated name).

@@ -1,0 +1,62 @@
+"""One-call Python API per stage: `posttrain.sft(model=..., data=..., **training)` and friends.
+
+Each call builds a one-stage recipe in memory and runs it through the same validation, registry and
+runner as `posttrain run`, so its output is cached, resumable and listed by `posttrain ls`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from posttrain.recipe.load import load_recipe_text
+from posttrain.runner import RunResult, run
+
+
+def run_stage(kind: str, model: str | Path, name: str | None = None, registry: str | Path | None = None,
+              chat_template: str | None = None, seed: int = 42, base_dir: str | Path = ".",
+              **stage: Any) -> RunResult:
+    """Run one stage of `kind` on `model` (a hub id or a local folder, e.g. an earlier entry's path)."""
+    name = name or f"api-{kind}"
+    recipe = {
+        "name": name,
+        "base": {"model": str(model), **({"chat_template": chat_template} if chat_template else {})},
+        "seed": seed,
+        "stages": {kind: {"kind": kind, **stage}},
+    }
+    text = yaml.safe_dump(_plain(recipe), sort_keys=False)
+    loaded = load_recipe_text(text, Path(base_dir).resolve() / f"{name}.yaml", shown=f"posttrain.{kind}()")
+    return run(loaded, registry=registry)
+
+
+def sft(model: str | Path, data: str | Path | dict | list, *, lora: dict | None = None,
+        registry: str | Path | None = None, chat_template: str | None = None, seed: int = 42,
+        stage: dict | None = None, **training: Any) -> Path:
+    """Supervised fine-tuning; returns the output checkpoint folder.
+
+    `data` is a file/folder path, a list of sources, or a full data mapping; `training` takes any
+    trl SFTConfig / TrainingArguments field (max_steps=..., learning_rate=...).
+    """
+    result = run_stage("sft", model, registry=registry, chat_template=chat_template, seed=seed,
+                       data=_data(data), training=training, **({"lora": lora} if lora else {}), **(stage or {}))
+    return result.path("sft")
+
+
+def _data(data) -> dict:
+    if isinstance(data, dict):
+        return data
+    if isinstance(data, list):
+        return {"sources": data}
+    return {"sources": [{"path": str(data)}]}
+
+
+def _plain(value):
+    """Paths and tuples to YAML-safe types."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
