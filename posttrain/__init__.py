@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "run": ("posttrain.runner", "run"),
     "sft": ("posttrain.api", "sft"),
+    "dpo": ("posttrain.api", "dpo"),
     "run_stage": ("posttrain.api", "run_stage"),
     "plan": ("posttrain.runner", "plan"),
     "load_recipe": ("posttrain.recipe", "load_recipe"),

@@ -16,13 +16,14 @@ from posttrain.runner import RunResult, run
 
 def run_stage(kind: str, model: str | Path, name: str | None = None, registry: str | Path | None = None,
               chat_template: str | None = None, seed: int = 42, base_dir: str | Path = ".",
-              **stage: Any) -> RunResult:
+              models: dict[str, dict] | None = None, **stage: Any) -> RunResult:
     """Run one stage of `kind` on `model` (a hub id or a local folder, e.g. an earlier entry's path)."""
     name = name or f"api-{kind}"
     recipe = {
         "name": name,
         "base": {"model": str(model), **({"chat_template": chat_template} if chat_template else {})},
         "seed": seed,
+        "models": models or {},
         "stages": {kind: {"kind": kind, **stage}},
     }
     text = yaml.safe_dump(_plain(recipe), sort_keys=False)
@@ -41,6 +42,26 @@ def sft(model: str | Path, data: str | Path | dict | list, *, lora: dict | None 
     result = run_stage("sft", model, registry=registry, chat_template=chat_template, seed=seed,
                        data=_data(data), training=training, **({"lora": lora} if lora else {}), **(stage or {}))
     return result.path("sft")
+
+
+def dpo(model: str | Path, data: str | Path | dict | list, *, ref_model: str | Path | None = None,
+        beta: float = 0.1, loss_type: str | list[str] = "sigmoid", lora: dict | None = None,
+        registry: str | Path | None = None, chat_template: str | None = None, seed: int = 42,
+        stage: dict | None = None, **training: Any) -> Path:
+    """Direct preference optimisation; returns the output checkpoint folder.
+
+    `ref_model` (a hub id or folder) defaults to `model` itself; `training` takes any trl DPOConfig field.
+    """
+    extra = dict(stage or {})
+    models = {}
+    if ref_model is not None:
+        models["reference"] = {"model": str(ref_model)}
+        extra["ref_model"] = "reference"
+    if lora:
+        extra["lora"] = lora
+    result = run_stage("dpo", model, registry=registry, chat_template=chat_template, seed=seed, models=models,
+                       data=_data(data), beta=beta, loss_type=loss_type, training=training, **extra)
+    return result.path("dpo")
 
 
 def _data(data) -> dict:

@@ -29,12 +29,32 @@ def chat_rows(seed: int, count: int) -> list[dict]:
     return rows
 
 
+def preference_rows(seed: int, count: int) -> list[dict]:
+    """Chosen: the right answer in a full sentence. Rejected: a wrong, curt one. Learnable on both counts."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
+        rows.append({"prompt": [{"role": "user", "content": f"What is {a} plus {b}?"}],
+                     "chosen": [{"role": "assistant", "content": f"The answer is {a + b}."}],
+                     "rejected": [{"role": "assistant", "content": f"{wrong}!"}]})
+    return rows
+
+
 def main() -> None:
     out = DATA / "sft"
     out.mkdir(parents=True, exist_ok=True)
     for name, seed, count in (("tiny_chat_train.jsonl", 1, 256), ("tiny_chat_heldout.jsonl", 2, 64)):
         with open(out / name, "w") as fh:
             for row in chat_rows(seed, count):
+                fh.write(json.dumps(row) + "\n")
+        print(f"wrote {out / name} ({count} rows)")
+    out = DATA / "dpo"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, seed, count in (("tiny_prefs_train.jsonl", 3, 128), ("tiny_prefs_heldout.jsonl", 4, 32)):
+        with open(out / name, "w") as fh:
+            for row in preference_rows(seed, count):
                 fh.write(json.dumps(row) + "\n")
         print(f"wrote {out / name} ({count} rows)")
 

@@ -99,7 +99,19 @@ def _read_rows(source: DataSource, recipe_dir: Path) -> list[tuple[str, int, Any
 
 
 def load_conversations(config: DataConfig, recipe_dir: Path, seed: int) -> tuple[list[dict], dict[str, int]]:
-    """Normalised rows of the whole mixture, shuffled under `seed`, and counts for the manifest."""
+    """Chat/text rows of the whole mixture as messages, shuffled under `seed`, and counts for the manifest."""
+    return load_rows(config, recipe_dir, seed, lambda row, source: to_messages(row, source.format))
+
+
+def load_preferences(config: DataConfig, recipe_dir: Path, seed: int) -> tuple[list[dict], dict[str, int]]:
+    """Preference rows as prompt/chosen/rejected message lists."""
+    from posttrain.data.preferences import to_preference
+
+    return load_rows(config, recipe_dir, seed, lambda row, source: to_preference(row))
+
+
+def load_rows(config: DataConfig, recipe_dir: Path, seed: int, normalise) -> tuple[list[dict], dict[str, int]]:
+    """Read, rename, normalise (or report/skip bad rows), weight and shuffle every source's rows."""
     rng = random.Random(seed)
     mixture: list[dict] = []
     stats = {"rows_read": 0, "bad_rows_skipped": 0}
@@ -113,7 +125,7 @@ def load_conversations(config: DataConfig, recipe_dir: Path, seed: int) -> tuple
                 if not isinstance(raw, dict):
                     raise BadRow("", "a row must be a mapping")
                 row = {source.columns.get(k, k): v for k, v in raw.items()}
-                kept.append(to_messages(row, source.format))
+                kept.append(normalise(row, source))
             except BadRow as bad:
                 if config.on_bad_rows == "error":
                     where = f" field {bad.field}:" if bad.field else ""

@@ -12,6 +12,7 @@ from posttrain.stages.base import InputEntry, Stage, StageConfig, StageContext
 BUILTIN_STAGES: dict[str, str] = {
     "model": "posttrain.stages.model:ModelStage",
     "sft": "posttrain.stages.sft:SFTStage",
+    "dpo": "posttrain.stages.dpo:DPOStage",
 }
 
 ENTRY_POINT_GROUP = "posttrain.stages"

@@ -59,28 +59,48 @@ def load_chat_tokenizer(source, chat_template: str | None, ctx: StageContext):
     return tokenizer
 
 
-def run_sft(config, ctx: StageContext) -> dict[str, Any]:
+def device_defaults(training: dict[str, Any], has_eval: bool) -> dict[str, Any]:
+    """Defaults for any trl trainer; the recipe's `training:` values always win."""
     import torch
+
+    training.setdefault("logging_steps", 1)
+    training.setdefault("report_to", ["tensorboard"])
+    training.setdefault("save_total_limit", 2)
+    if has_eval:
+        training.setdefault("eval_strategy", "epoch")
+    if not torch.cuda.is_available():
+        # trl defaults to bf16, which the Trainer refuses on a CPU unless told it is a CPU run.
+        training.setdefault("use_cpu", True)
+        training.setdefault("bf16", False)
+    return training
+
+
+def save_model_entry(model, tokenizer, ctx: StageContext, lora: bool, checkpoints) -> Any:
+    """Write a trained model as a plain HF folder (LoRA merged; adapter kept in adapter/). Returns the model saved."""
+    from posttrain.tokenizer_setup import write_generation_config
+
+    if lora:
+        model.save_pretrained(ctx.out_dir / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(ctx.out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(ctx.out_dir)
+    write_generation_config(ctx.out_dir, tokenizer)
+    runs = checkpoints / "runs"
+    if runs.is_dir():
+        shutil.copytree(runs, ctx.out_dir / "tensorboard", dirs_exist_ok=True)
+    return model
+
+
+def run_sft(config, ctx: StageContext) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
-
-    from posttrain.tokenizer_setup import write_generation_config
 
     source = ctx.inputs["model"].path
     tokenizer = load_chat_tokenizer(source, config.chat_template, ctx)
     train, evaluation, metrics = build_dataset(config, tokenizer, ctx)
     model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
     checkpoints = ctx.work_dir / "checkpoints"
-    training = dict(config.training)
-    training.setdefault("logging_steps", 1)
-    training.setdefault("report_to", ["tensorboard"])
-    training.setdefault("save_total_limit", 2)
-    if evaluation is not None:
-        training.setdefault("eval_strategy", "epoch")
-    if not torch.cuda.is_available():
-        # trl defaults to bf16, which the Trainer refuses on a CPU unless told it is a CPU run.
-        training.setdefault("use_cpu", True)
-        training.setdefault("bf16", False)
+    training = device_defaults(dict(config.training), evaluation is not None)
     args = SFTConfig(
         output_dir=str(checkpoints),
         seed=ctx.seed,
@@ -111,15 +131,7 @@ def run_sft(config, ctx: StageContext) -> dict[str, Any]:
 
     trained = trainer.model
     if ctx.is_main:
-        if config.lora:
-            trained.save_pretrained(ctx.out_dir / "adapter")
-            trained = trained.merge_and_unload()
-        trained.save_pretrained(ctx.out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(ctx.out_dir)
-        write_generation_config(ctx.out_dir, tokenizer)
-        runs = checkpoints / "runs"
-        if runs.is_dir():
-            shutil.copytree(runs, ctx.out_dir / "tensorboard", dirs_exist_ok=True)
+        trained = save_model_entry(trained, tokenizer, ctx, lora=bool(config.lora), checkpoints=checkpoints)
 
     history = trainer.state.log_history
     lengths = [len(ids) for ids in train["input_ids"]]

@@ -33,3 +33,10 @@ def tokenize_row(tokenizer, row: dict[str, Any], max_length: int, assistant_only
             labels = list(ids)
     truncated = len(ids) > max_length
     return ids[:max_length], labels[:max_length], truncated
+
+
+def chat_token_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a rendered conversation (transformers 5 returns a BatchEncoding, not a list)."""
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                        add_generation_prompt=add_generation_prompt)
+    return list(out["input_ids"])

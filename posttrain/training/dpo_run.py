@@ -1,0 +1,113 @@
+"""The body of the DPO stage: preference data -> trl DPOTrainer -> full HF folder."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from posttrain.data.sources import load_preferences
+from posttrain.errors import UserError
+from posttrain.stages.base import StageContext
+from posttrain.training.checkpoints import last_complete_checkpoint
+from posttrain.training.sft_run import device_defaults, load_chat_tokenizer, save_model_entry
+from posttrain.training.tokenize import chat_token_ids
+
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def build_preference_datasets(config, tokenizer, ctx: StageContext):
+    import datasets
+
+    rows, stats = load_preferences(config.data, ctx.recipe_dir, ctx.seed)
+    if not tokenizer.chat_template:
+        raise UserError("the model's tokenizer has no chat template; set base.chat_template (e.g. llama-3.1) "
+                        "or the stage's chat_template")
+    kept, truncated, dropped = [], 0, 0
+    for row in rows:
+        longest = max(len(chat_token_ids(tokenizer, row["prompt"] + row[side])) for side in ("chosen", "rejected"))
+        if longest > config.data.max_length:
+            if config.data.overlong == "drop":
+                dropped += 1
+                continue
+            truncated += 1
+        kept.append(row)
+    if not kept:
+        raise UserError("no preference pairs left after dropping over-long rows (raise data.max_length)")
+    dataset = datasets.Dataset.from_list(kept)
+    stats.update(truncated_samples=truncated, dropped_samples=dropped)
+    evaluation = None
+    if config.data.test_size:
+        size = config.data.test_size
+        split = dataset.train_test_split(test_size=size if size < 1 else int(size), seed=ctx.seed)
+        dataset, evaluation = split["train"], split["test"]
+    stats["train_pairs"] = len(dataset)
+    stats["eval_pairs"] = len(evaluation) if evaluation is not None else 0
+    return dataset, evaluation, stats
+
+
+def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    source = ctx.inputs["model"].path
+    tokenizer = load_chat_tokenizer(source, config.chat_template, ctx)
+    train, evaluation, metrics = build_preference_datasets(config, tokenizer, ctx)
+    # Loaded from the registry folder, so the policy's name_or_path is a real path (trl derives a
+    # reference from it when it needs one; an in-memory model would send it to the hub).
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+    ref_model = None
+    if "ref_model" in ctx.inputs:
+        ref_model = AutoModelForCausalLM.from_pretrained(ctx.inputs["ref_model"].path, dtype="auto")
+    checkpoints = ctx.work_dir / "checkpoints"
+    training = device_defaults(dict(config.training), evaluation is not None)
+    args = DPOConfig(
+        output_dir=str(checkpoints),
+        seed=ctx.seed,
+        max_length=config.data.max_length,
+        beta=config.beta,
+        loss_type=config.loss_type,
+        loss_weights=config.loss_weights,
+        label_smoothing=config.label_smoothing,
+        precompute_ref_log_probs=config.precompute_ref_log_probs,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        activation_checkpointing=config.gradient_checkpointing,  # trl's default is on; ours is explicit
+        gradient_checkpointing=None,
+        **training,
+    )
+    peft_config = None
+    if config.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                                 target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
+                         processing_class=tokenizer, peft_config=peft_config)
+    last = last_complete_checkpoint(checkpoints)
+    started = time.time()
+    output = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    seconds = time.time() - started
+
+    if ctx.is_main:
+        save_model_entry(trainer.model, tokenizer, ctx, lora=bool(config.lora), checkpoints=checkpoints)
+        if "ref_chosen_logps" in trainer.train_dataset.column_names:
+            # Kept so the reference side of every pair can be audited against the reference model.
+            ref = trainer.train_dataset.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).to_list()
+            (ctx.out_dir / "reference_logps.json").write_text(json.dumps(ref))
+    history = trainer.state.log_history
+    series = {key: [{"step": h["step"], "value": h[key]} for h in history if key in h and "eval_loss" not in h]
+              for key in ("loss",) + REWARD_KEYS}
+    metrics.update(
+        {key.replace("/", "_"): value for key, value in series.items()},
+        eval={key: [{"step": h["step"], "value": h[f"eval_{key}"]} for h in history if f"eval_{key}" in h]
+              for key in ("loss",) + REWARD_KEYS},
+        final_train_loss=output.training_loss,
+        steps=trainer.state.global_step,
+        resumed_from_step=int(last.name.rsplit("-", 1)[1]) if last else 0,
+        train_seconds=round(seconds, 3),
+        reference="adapter-disabled policy" if config.lora and ref_model is None
+        else ("ref_model input" if ref_model is not None else "policy input"),
+        precomputed_reference=bool(config.precompute_ref_log_probs),
+        lora=bool(config.lora),
+    )
+    return metrics
