@@ -185,3 +185,38 @@ def test_bad_preference_rows(case, tmp_path):
     data.write_text(json.dumps({"prompt": "ok?", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(UserError, match=f"p.jsonl: row 2: field {field}: "):
         load_preferences(DataConfig(sources=[{"path": str(data)}]), tmp_path, 0)
+
+
+def test_killed_dpo_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    reference_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
+    reference_dir.mkdir(), killed_dir.mkdir()
+    monkeypatch.setenv("POSTTRAIN_REGISTRY", str(reference_dir / "registry"))
+    reference = posttrain.run(dpo_recipe(reference_dir, steps=12, save_steps=4))
+
+    registry = killed_dir / "registry"
+    monkeypatch.setenv("POSTTRAIN_REGISTRY", str(registry))
+    recipe = dpo_recipe(killed_dir, steps=12, save_steps=4)
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(registry.glob("work/*/checkpoints/checkpoint-8/trainer_state.json")):
+        assert proc.poll() is None, "run finished before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    resumed = posttrain.run(recipe)
+    assert resumed.ran == ["dpo"] and resumed.metrics("dpo")["resumed_from_step"] >= 8
+    ref_margin = reference.metrics("dpo")["rewards_margins"][-1]["value"]
+    assert resumed.metrics("dpo")["rewards_margins"][-1]["value"] == pytest.approx(ref_margin, rel=1e-4, abs=1e-5)
+    a = load_file(reference.path("dpo") / "model.safetensors")
+    b = load_file(resumed.path("dpo") / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)

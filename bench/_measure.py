@@ -1,0 +1,27 @@
+"""Run a Python script or module in this process and append its wall time and peak RSS to a JSON file.
+
+    python bench/_measure.py OUT.json (-m module | script.py) args...
+"""
+import json
+import resource
+import runpy
+import sys
+import time
+
+out = sys.argv[1]
+if sys.argv[2] == "-m":
+    target, args, runner = sys.argv[3], sys.argv[4:], runpy.run_module
+else:
+    target, args, runner = sys.argv[2], sys.argv[3:], runpy.run_path
+sys.argv = [target, *args]
+start = time.perf_counter()
+code = 0
+try:
+    runner(target, run_name="__main__")
+except SystemExit as exc:
+    code = exc.code or 0
+seconds = time.perf_counter() - start
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+with open(out, "a") as fh:
+    fh.write(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "exit": code}) + "\n")
+sys.exit(code)
