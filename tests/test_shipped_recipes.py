@@ -17,8 +17,12 @@ def test_shipped_recipe_validates(path):
         load_recipe(path, profile=profile)
 
 
-def test_quickstart_runs_and_registers_an_instruct_ready_base(tmp_path):
+def test_quickstart_runs_base_sft_dpo(tmp_path):
     import posttrain
 
     result = posttrain.run(RECIPES[[p.name for p in RECIPES].index("quickstart.yaml")])
-    assert (result.path("instruct_base") / "chat_template.jinja").exists()
+    assert result.ran == ["base", "sft", "dpo"]
+    sft, dpo = result.metrics("sft"), result.metrics("dpo")
+    assert sft["final_eval_loss"] < sft["loss"][0]["loss"]
+    assert dpo["rewards_accuracies"][-1]["value"] >= 0.75
+    assert (result.path("dpo") / "chat_template.jinja").exists()
