@@ -143,3 +143,19 @@ def test_columns_mapping_and_csv_and_parquet(tmp_path):
         config = DataConfig(sources=[{"path": name, "columns": {"question": "prompt", "answer": "completion"}}])
         got, _ = load_conversations(config, tmp_path, 0)
         assert sorted(r["messages"][1]["content"] for r in got) == ["a0", "a1", "a2", "a3"]
+
+
+def test_hub_style_source_and_named_eval_split(tmp_path):
+    """`hub:` goes through datasets.load_dataset, exercised offline on a local dataset folder."""
+    from posttrain.data.sources import load_eval_rows
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a"}) + "\n" for i in range(6)))
+    (folder / "test.jsonl").write_text(json.dumps({"prompt": "held", "completion": "out"}) + "\n")
+    config = DataConfig(sources=[{"hub": str(folder), "split": "train"}],
+                        eval_sources=[{"hub": str(folder), "split": "test"}])
+    rows, stats = load_conversations(config, tmp_path, 0)
+    assert stats["rows_used"] == 6
+    held = load_eval_rows(config, tmp_path, 0, load_conversations)
+    assert held == [{"messages": [{"role": "user", "content": "held"}, {"role": "assistant", "content": "out"}]}]

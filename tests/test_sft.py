@@ -205,3 +205,16 @@ def test_editing_the_data_file_reruns_sft_and_nothing_else(tmp_path, capsys):
     assert main(["plan", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "contents of data.sources.0.path changed" in out and "1 of 2 stages would run" in out
+
+
+def test_eval_from_a_named_heldout_file(tmp_path):
+    import yaml
+
+    recipe = sft_recipe(tmp_path, steps=2)
+    data = yaml.safe_load(recipe.read_text())
+    del data["stages"]["sft"]["data"]["test_size"]
+    data["stages"]["sft"]["data"]["eval_sources"] = [{"path": str(ROOT / "data" / "sft" / "tiny_chat_heldout.jsonl")}]
+    recipe.write_text(yaml.safe_dump(data))
+    metrics = posttrain.run(recipe).metrics("sft")
+    assert metrics["train_samples"] == 256 and metrics["eval_samples"] == 64
+    assert metrics["final_eval_loss"] > 0

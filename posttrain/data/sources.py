@@ -27,7 +27,7 @@ class DataSource(StrictModel):
     max_samples: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _one_origin(self):
+    def _one_origin(self) -> "DataSource":
         if (self.path is None) == (self.hub is None):
             raise ValueError("give exactly one of `path` (local) or `hub` (dataset id)")
         return self
@@ -37,9 +37,20 @@ class DataSource(StrictModel):
         return self.path or f"{self.hub}[{self.split}]"
 
 
+def local_data_files(config: "DataConfig") -> dict[str, str]:
+    """Dotted config path -> local path of every file source, for fingerprints and existence checks."""
+    found = {f"data.sources.{i}.path": s.path for i, s in enumerate(config.sources) if s.path}
+    for i, s in enumerate(config.eval_sources or []):
+        if s.path:
+            found[f"data.eval_sources.{i}.path"] = s.path
+    return found
+
+
 class DataConfig(StrictModel):
     sources: list[DataSource] = Field(min_length=1)
     test_size: float | int | None = Field(None, gt=0, description="Held-out eval rows: a fraction or a count.")
+    eval_sources: list[DataSource] | None = Field(
+        None, description="Eval data from a named split or file, e.g. [{hub: org/data, split: test}].")
     on_bad_rows: Literal["error", "skip"] = "error"
     max_length: int = Field(1024, gt=0, description="Tokens per sample.")
     overlong: Literal["truncate", "drop"] = "truncate"
@@ -144,3 +155,11 @@ def load_rows(config: DataConfig, recipe_dir: Path, seed: int, normalise) -> tup
     rng.shuffle(mixture)
     stats["rows_used"] = len(mixture)
     return mixture, stats
+
+
+def load_eval_rows(config: DataConfig, recipe_dir: Path, seed: int, load) -> list[dict] | None:
+    """Rows of `eval_sources` (a named split or a held-out file) through the same loader, or None."""
+    if not config.eval_sources:
+        return None
+    eval_config = config.model_copy(update={"sources": config.eval_sources, "eval_sources": None})
+    return load(eval_config, recipe_dir, seed)[0]

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from posttrain.data.sources import DataConfig
+from posttrain.data.sources import DataConfig, local_data_files
 from posttrain.stages.base import Stage, StageConfig, StageContext
 from posttrain.stages.sft import LoraSettings, check_training_keys
 
@@ -66,7 +66,7 @@ class DPOStage(Stage):
         return refs
 
     def local_files(self, config: DPOStageConfig) -> dict[str, str]:
-        return {f"data.sources.{i}.path": s.path for i, s in enumerate(config.data.sources) if s.path}
+        return local_data_files(config.data)
 
     def validate(self, config: DPOStageConfig, recipe_dir: Path) -> list[tuple[str, str]]:
         problems = [(k, m) for k, m in check_training_keys(config.training, DPO_FIELDS)]

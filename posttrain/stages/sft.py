@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from posttrain.data.sources import DataConfig
+from posttrain.data.sources import DataConfig, local_data_files
 from posttrain.recipe.model import StrictModel
 from posttrain.stages.base import Stage, StageConfig, StageContext
 
@@ -52,7 +52,7 @@ class SFTStage(Stage):
         return {"model": config.model}
 
     def local_files(self, config: SFTStageConfig) -> dict[str, str]:
-        return {f"data.sources.{i}.path": s.path for i, s in enumerate(config.data.sources) if s.path}
+        return local_data_files(config.data)
 
     def validate(self, config: SFTStageConfig, recipe_dir: Path) -> list[tuple[str, str]]:
         problems = check_training_keys(config.training)

@@ -5,7 +5,7 @@ import json
 import time
 from typing import Any
 
-from posttrain.data.sources import load_preferences
+from posttrain.data.sources import load_eval_rows, load_preferences
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
 from posttrain.training.checkpoints import last_complete_checkpoint
@@ -18,31 +18,40 @@ REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards
 def build_preference_datasets(config, tokenizer, ctx: StageContext):
     import datasets
 
-    rows, stats = load_preferences(config.data, ctx.recipe_dir, ctx.seed)
     if not tokenizer.chat_template:
         raise UserError("the model's tokenizer has no chat template; set base.chat_template (e.g. llama-3.1) "
                         "or the stage's chat_template")
-    kept, truncated, dropped = [], 0, 0
-    for row in rows:
-        longest = max(len(chat_token_ids(tokenizer, row["prompt"] + row[side])) for side in ("chosen", "rejected"))
-        if longest > config.data.max_length:
-            if config.data.overlong == "drop":
-                dropped += 1
-                continue
-            truncated += 1
-        kept.append(row)
+    rows, stats = load_preferences(config.data, ctx.recipe_dir, ctx.seed)
+    kept, counts = _filter_overlong(rows, config, tokenizer)
     if not kept:
         raise UserError("no preference pairs left after dropping over-long rows (raise data.max_length)")
+    stats.update(truncated_samples=counts["truncated"], dropped_samples=counts["dropped"])
     dataset = datasets.Dataset.from_list(kept)
-    stats.update(truncated_samples=truncated, dropped_samples=dropped)
     evaluation = None
-    if config.data.test_size:
+    eval_rows = load_eval_rows(config.data, ctx.recipe_dir, ctx.seed, load_preferences)
+    if eval_rows is not None:
+        evaluation = datasets.Dataset.from_list(_filter_overlong(eval_rows, config, tokenizer)[0])
+    elif config.data.test_size:
         size = config.data.test_size
         split = dataset.train_test_split(test_size=size if size < 1 else int(size), seed=ctx.seed)
         dataset, evaluation = split["train"], split["test"]
     stats["train_pairs"] = len(dataset)
     stats["eval_pairs"] = len(evaluation) if evaluation is not None else 0
     return dataset, evaluation, stats
+
+
+def _filter_overlong(rows: list[dict], config, tokenizer) -> tuple[list[dict], dict[str, int]]:
+    """Count pairs longer than max_length (trl truncates them); drop them if the recipe says so."""
+    kept, counts = [], {"truncated": 0, "dropped": 0}
+    for row in rows:
+        longest = max(len(chat_token_ids(tokenizer, row["prompt"] + row[side])) for side in ("chosen", "rejected"))
+        if longest > config.data.max_length:
+            if config.data.overlong == "drop":
+                counts["dropped"] += 1
+                continue
+            counts["truncated"] += 1
+        kept.append(row)
+    return kept, counts
 
 
 def run_dpo(config, ctx: StageContext) -> dict[str, Any]:

@@ -5,7 +5,7 @@ import shutil
 import time
 from typing import Any
 
-from posttrain.data.sources import load_conversations
+from posttrain.data.sources import load_conversations, load_eval_rows
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
 from posttrain.training.checkpoints import last_complete_checkpoint
@@ -17,29 +17,37 @@ def build_dataset(config, tokenizer, ctx: StageContext):
     import datasets
 
     rows, stats = load_conversations(config.data, ctx.recipe_dir, ctx.seed)
-    records, truncated, dropped = [], 0, 0
-    for row in rows:
-        ids, labels, was_truncated = tokenize_row(tokenizer, row, config.data.max_length, config.assistant_only_loss)
-        if was_truncated and config.data.overlong == "drop":
-            dropped += 1
-            continue
-        if all(label == IGNORE for label in labels):
-            dropped += 1  # truncation cut every assistant token: nothing to learn from
-            continue
-        truncated += was_truncated
-        records.append({"input_ids": ids, "labels": labels})
+    records, counts = _tokenize(rows, config, tokenizer)
     if not records:
         raise UserError("no training samples left after dropping over-long rows (raise data.max_length)")
+    stats.update(truncated_samples=counts["truncated"], dropped_samples=counts["dropped"])
     dataset = datasets.Dataset.from_list(records)
-    stats.update(truncated_samples=truncated, dropped_samples=dropped)
     eval_dataset = None
-    if config.data.test_size:
+    eval_rows = load_eval_rows(config.data, ctx.recipe_dir, ctx.seed, load_conversations)
+    if eval_rows is not None:
+        eval_dataset = datasets.Dataset.from_list(_tokenize(eval_rows, config, tokenizer)[0])
+    elif config.data.test_size:
         size = config.data.test_size
         split = dataset.train_test_split(test_size=size if size < 1 else int(size), seed=ctx.seed)
         dataset, eval_dataset = split["train"], split["test"]
     stats["train_samples"] = len(dataset)
     stats["eval_samples"] = len(eval_dataset) if eval_dataset is not None else 0
     return dataset, eval_dataset, stats
+
+
+def _tokenize(rows: list[dict], config, tokenizer) -> tuple[list[dict], dict[str, int]]:
+    records, counts = [], {"truncated": 0, "dropped": 0}
+    for row in rows:
+        ids, labels, was_truncated = tokenize_row(tokenizer, row, config.data.max_length, config.assistant_only_loss)
+        if was_truncated and config.data.overlong == "drop":
+            counts["dropped"] += 1
+            continue
+        if all(label == IGNORE for label in labels):
+            counts["dropped"] += 1  # truncation cut every assistant token: nothing to learn from
+            continue
+        counts["truncated"] += was_truncated
+        records.append({"input_ids": ids, "labels": labels})
+    return records, counts
 
 
 def load_chat_tokenizer(source, chat_template: str | None, ctx: StageContext):
