@@ -1,0 +1,1 @@
+"""Teacher-logit storage and distillation losses."""

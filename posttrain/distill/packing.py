@@ -1,0 +1,69 @@
+"""Bit-packing of token ids and quantisation of log-probs for stored teacher top-k targets.
+
+Ids take ceil(log2 V) bits each (17 for Llama-3's 128256) instead of 32. Values are the teacher's
+full-vocabulary log-probs (so the tail mass 1 - sum p_topk is recoverable), stored as fp16 or as
+unsigned codes of `bits` bits: code = round(-logp / step), clamped at the largest code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# name -> (bits, step in nats). Mean absolute error of uniform rounding is about step / 4.
+QUANTISED = {"q8": (8, 1 / 16), "q10": (10, 1 / 32), "q12": (12, 1 / 128)}
+ENCODINGS = ("fp16", *QUANTISED)
+
+
+def id_bits(vocab_size: int) -> int:
+    return max(1, math.ceil(math.log2(vocab_size)))
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """[..., k] unsigned ints < 2**bits -> [..., ceil(k*bits/8)] uint8 (little-endian bit order)."""
+    values = np.ascontiguousarray(values, dtype=np.uint64)
+    k = values.shape[-1]
+    shifts = np.arange(bits, dtype=np.uint64)
+    bit_array = ((values[..., None] >> shifts) & np.uint64(1)).astype(np.uint8)  # [..., k, bits]
+    return np.packbits(bit_array.reshape(*values.shape[:-1], k * bits), axis=-1, bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """Inverse of pack_bits: [..., ceil(k*bits/8)] uint8 -> [..., k] int64."""
+    flat = np.unpackbits(packed, axis=-1, count=k * bits, bitorder="little")
+    bit_array = flat.reshape(*packed.shape[:-1], k, bits).astype(np.int64)
+    return (bit_array << np.arange(bits, dtype=np.int64)).sum(axis=-1)
+
+
+@dataclass(frozen=True)
+class ValueCodec:
+    encoding: str
+
+    def __post_init__(self) -> None:
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"unknown value encoding {self.encoding!r}; one of {', '.join(ENCODINGS)}")
+
+    def bytes_per_value(self) -> float:
+        return 2.0 if self.encoding == "fp16" else QUANTISED[self.encoding][0] / 8
+
+    def encode(self, logp: np.ndarray) -> np.ndarray:
+        """[..., k] float log-probs -> stored array (fp16, or packed uint8 codes)."""
+        if self.encoding == "fp16":
+            return np.asarray(logp, dtype=np.float16)
+        bits, step = QUANTISED[self.encoding]
+        codes = np.clip(np.rint(-np.asarray(logp, dtype=np.float64) / step), 0, 2 ** bits - 1)
+        return pack_bits(codes.astype(np.uint64), bits)
+
+    def decode(self, stored: np.ndarray, k: int) -> np.ndarray:
+        """Stored array -> [..., k] float32 log-probs."""
+        if self.encoding == "fp16":
+            return np.asarray(stored, dtype=np.float32)
+        bits, step = QUANTISED[self.encoding]
+        return (-unpack_bits(stored, bits, k) * step).astype(np.float32)
+
+
+def bytes_per_token(vocab_size: int, k: int, encoding: str) -> float:
+    """Storage of one position's targets (ids + values), excluding the shared input ids."""
+    return math.ceil(k * id_bits(vocab_size) / 8) + (
+        2 * k if encoding == "fp16" else math.ceil(k * QUANTISED[encoding][0] / 8))
