@@ -10,6 +10,8 @@ _LAZY = {
     "run": ("posttrain.runner", "run"),
     "sft": ("posttrain.api", "sft"),
     "dpo": ("posttrain.api", "dpo"),
+    "capture_logits": ("posttrain.api", "capture_logits"),
+    "distill": ("posttrain.api", "distill"),
     "run_stage": ("posttrain.api", "run_stage"),
     "plan": ("posttrain.runner", "plan"),
     "load_recipe": ("posttrain.recipe", "load_recipe"),

@@ -64,6 +64,25 @@ def dpo(model: str | Path, data: str | Path | dict | list, *, ref_model: str | P
     return result.path("dpo")
 
 
+def capture_logits(teacher: str | Path, data: str | Path | dict | list, *, k: int = 64, encoding: str = "fp16",
+                   mode: str = "topk", registry: str | Path | None = None, chat_template: str | None = None,
+                   seed: int = 42, **stage: Any) -> Path:
+    """Store a teacher's top-k (or sampled) log-probs over `data`; returns the shard folder."""
+    result = run_stage("capture_logits", teacher, registry=registry, chat_template=chat_template, seed=seed,
+                       teacher="base", data=_data(data), k=k, encoding=encoding, mode=mode, **stage)
+    return result.path("capture_logits")
+
+
+def distill(model: str | Path, teacher_logits: str | Path | None = None, *, logits_dataset: dict | None = None,
+            loss: str = "forward_kl", alpha: float = 1.0, registry: str | Path | None = None,
+            chat_template: str | None = None, seed: int = 42, stage: dict | None = None, **training: Any) -> Path:
+    """Train `model` on stored teacher logits (a capture folder, or a dataset in the arcee-ai layout)."""
+    source = {"teacher_logits_path": str(teacher_logits)} if teacher_logits else {"logits_dataset": logits_dataset}
+    result = run_stage("distill", model, registry=registry, chat_template=chat_template, seed=seed,
+                       loss=loss, alpha=alpha, training=training, **source, **(stage or {}))
+    return result.path("distill")
+
+
 def _data(data) -> dict:
     if isinstance(data, dict):
         return data

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from posttrain.distill.losses import distill_loss, log1mexp, sparse_kd
+from posttrain.kd.losses import distill_loss, log1mexp, sparse_kd
 
 V = 50
 

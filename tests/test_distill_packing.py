@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from posttrain.distill.packing import ValueCodec, bytes_per_token, id_bits, pack_bits, unpack_bits
+from posttrain.kd.packing import ValueCodec, bytes_per_token, id_bits, pack_bits, unpack_bits
 
 
 @pytest.mark.parametrize("vocab", [2, 1000, 32000, 128256, 2 ** 17, 2 ** 17 + 1, 151_936, 262_144, 2 ** 20, 2 ** 31 - 1])

@@ -13,6 +13,8 @@ BUILTIN_STAGES: dict[str, str] = {
     "model": "posttrain.stages.model:ModelStage",
     "sft": "posttrain.stages.sft:SFTStage",
     "dpo": "posttrain.stages.dpo:DPOStage",
+    "capture_logits": "posttrain.stages.capture_logits:CaptureLogitsStage",
+    "distill": "posttrain.stages.distill:DistillStage",
 }
 
 ENTRY_POINT_GROUP = "posttrain.stages"

@@ -1,0 +1,50 @@
+"""`kind: capture_logits`: run a teacher over data and store its top-k (or sampled) log-probs.
+
+The entry is a folder of safetensors shards plus `index.json` with the metadata (teacher, tokenizer
+hash, vocab size, k, encoding, temperature, template, data fingerprint) that `distill` reads.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from posttrain.data.sources import DataConfig, local_data_files
+from posttrain.stages.base import Stage, StageConfig, StageContext
+
+
+class CaptureConfig(StageConfig):
+    kind: Literal["capture_logits"] = "capture_logits"
+    teacher: str = Field("base", description="Stage or model whose distribution is stored.")
+    data: DataConfig
+    k: int = Field(64, gt=0, description="Targets per position (top-k ids, or sampled draws).")
+    mode: Literal["topk", "sampled"] = Field("topk", description="sampled: Anshumann et al. 2025 sparse targets.")
+    encoding: Literal["fp16", "q8", "q10", "q12"] = "fp16"
+    temperature: float = Field(1.0, gt=0, description="Teacher temperature; distill applies it to the student.")
+    batch_size: int = Field(8, gt=0)
+    shard_sequences: int = Field(1024, gt=0, description="Sequences per shard (the unit of resume).")
+    chat_template: str | None = None
+
+
+class CaptureLogitsStage(Stage):
+    kind = "capture_logits"
+    version = "1"
+    Config = CaptureConfig
+    produces = "logits"
+
+    def inputs(self, config: CaptureConfig) -> dict[str, str]:
+        return {"teacher": config.teacher}
+
+    def local_files(self, config: CaptureConfig) -> dict[str, str]:
+        return local_data_files(config.data)
+
+    def validate(self, config: CaptureConfig, recipe_dir: Path) -> list[tuple[str, str]]:
+        if config.data.test_size or config.data.eval_sources:
+            return [("data.test_size", "capture stores every row; hold out eval data in the distill stage")]
+        return []
+
+    def run(self, config: CaptureConfig, ctx: StageContext) -> dict[str, Any]:
+        from posttrain.training.capture_run import run_capture
+
+        return run_capture(config, ctx)

@@ -1,0 +1,131 @@
+"""The body of the capture stage: batched teacher forward -> sparse targets -> shards."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from posttrain.data.sources import load_conversations
+from posttrain.kd.packing import ValueCodec
+from posttrain.kd.shards import read_shard, shard_meta, write_index, write_shard
+from posttrain.kd.tokenizer_check import special_token_ids, tokenizer_hash
+from posttrain.errors import UserError
+from posttrain.stages.base import StageContext
+from posttrain.training.sft_run import load_chat_tokenizer
+from posttrain.training.tokenize import IGNORE, tokenize_row
+
+
+def sparse_targets(logits, k: int, mode: str, temperature: float, generator=None):
+    """[n, V] teacher logits -> ids [n, k] and full-vocabulary log-probs [n, k] (float32)."""
+    import torch
+
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if mode == "topk":
+        values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        return ids, values
+    # Sampled targets: k draws from the teacher; a token drawn c times gets log(c / k), repeats of it
+    # get a negligible weight, so the stored (empirical) distribution sums to 1 and the forward-KL
+    # gradient is an unbiased estimate of the full one.
+    draws = torch.multinomial(logp.exp(), k, replacement=True, generator=generator)
+    ids, _ = draws.sort(dim=-1)
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    counts = (ids.unsqueeze(-1) == ids.unsqueeze(-2)).sum(-1).float()
+    values = torch.where(first, torch.log(counts / k), torch.full_like(counts, -15.0))
+    return ids, values
+
+
+def run_capture(config, ctx: StageContext) -> dict[str, Any]:
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    teacher_entry = ctx.inputs["teacher"]
+    tokenizer = load_chat_tokenizer(teacher_entry.path, config.chat_template, ctx)
+    rows, stats = load_conversations(config.data, ctx.recipe_dir, ctx.seed)
+    sequences, masks, truncated = [], [], 0
+    for row in rows:
+        ids, labels, was_truncated = tokenize_row(tokenizer, row, config.data.max_length, assistant_only="messages" in row)
+        if was_truncated and config.data.overlong == "drop":
+            continue
+        truncated += was_truncated
+        sequences.append(ids)
+        masks.append([int(label != IGNORE) for label in labels])
+    if not sequences:
+        raise UserError("no sequences to capture (all rows dropped as over-long)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(teacher_entry.path, dtype="auto").to(device).eval()
+    vocab = model.config.vocab_size
+    if config.mode == "topk" and config.k > vocab:
+        raise UserError(f"k = {config.k} is larger than the teacher's vocabulary ({vocab})")
+    data_hash = hashlib.sha256(json.dumps(sequences).encode()).hexdigest()
+    meta = shard_meta(
+        teacher=str(teacher_entry.manifest.get("config", {}).get("model") or teacher_entry.key),
+        teacher_key=teacher_entry.key, tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=vocab,
+        k=min(config.k, vocab), encoding=config.encoding, mode=config.mode,
+        samples=config.k if config.mode == "sampled" else None, temperature=config.temperature,
+        chat_template_sha256=hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
+        data_fingerprint=data_hash, values="logprobs", special_tokens=special_token_ids(tokenizer),
+    )
+    shard_dir = ctx.work_dir / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    codec = ValueCodec(config.encoding)
+    generator = torch.Generator(device="cpu").manual_seed(ctx.seed)
+    total_tokens = sum(len(s) for s in sequences)
+    index, error_sum, error_count, started, resumed = [], 0.0, 0, time.time(), 0
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="capturing teacher logits")
+    for shard_no, first in enumerate(range(0, len(sequences), config.shard_sequences)):
+        group = slice(first, first + config.shard_sequences)
+        path = shard_dir / f"shard-{shard_no:05d}.safetensors"
+        group_tokens = sum(len(s) for s in sequences[group])
+        if path.exists():
+            try:
+                read_shard(path, {"data_fingerprint": data_hash, "k": meta["k"], "encoding": config.encoding})
+                index.append({"file": path.name, "sequences": len(sequences[group]), "tokens": group_tokens})
+                resumed += 1
+                bar.update(group_tokens)
+                continue  # finished before an interruption: shard by shard resume
+            except UserError:
+                path.unlink()
+        ids_parts, value_parts = [], []
+        for start in range(first, min(first + config.shard_sequences, len(sequences)), config.batch_size):
+            batch = sequences[start:min(start + config.batch_size, first + config.shard_sequences)]
+            longest = max(len(s) for s in batch)
+            input_ids = torch.full((len(batch), longest), tokenizer.pad_token_id or 0, dtype=torch.long)
+            attention = torch.zeros_like(input_ids)
+            for row, seq in enumerate(batch):
+                input_ids[row, :len(seq)] = torch.tensor(seq)
+                attention[row, :len(seq)] = 1
+            with torch.no_grad():
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+            valid = attention.bool().to(device)
+            ids, values = sparse_targets(logits[valid], meta["k"], config.mode, config.temperature, generator)
+            ids_parts.append(ids.cpu().numpy())
+            value_parts.append(values.cpu().numpy())
+            bar.update(int(valid.sum()))
+        ids_np, values_np = np.concatenate(ids_parts), np.concatenate(value_parts)
+        decoded = codec.decode(codec.encode(values_np), meta["k"])
+        error_sum += float(np.abs(decoded - values_np).sum())
+        error_count += values_np.size
+        write_shard(path, sequences[group], masks[group], ids_np, values_np, meta)
+        index.append({"file": path.name, "sequences": len(sequences[group]), "tokens": group_tokens})
+    bar.close()
+    seconds = time.time() - started
+    if ctx.is_main:
+        for item in index:
+            os.replace(shard_dir / item["file"], ctx.out_dir / item["file"])
+        write_index(ctx.out_dir, meta, index)
+    stored = sum((ctx.out_dir / item["file"]).stat().st_size for item in index) if ctx.is_main else 0
+    stats.update(
+        sequences=len(sequences), tokens=total_tokens, shards=len(index), shards_resumed=resumed,
+        truncated_samples=truncated, seconds=round(seconds, 3),
+        tokens_per_second=round(total_tokens / max(seconds, 1e-9), 1),
+        bytes_per_token=round(stored / total_tokens, 2),
+        mean_abs_value_error=(error_sum / error_count) if error_count else None,
+        k=meta["k"], encoding=config.encoding, mode=config.mode,
+    )
+    return stats

@@ -1,0 +1,113 @@
+"""The body of the distill stage: a transformers Trainer whose loss is the chunked sparse-KD loss."""
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any
+
+from posttrain.kd.losses import distill_loss
+from posttrain.kd.tokenizer_check import check_compatible
+from posttrain.errors import UserError
+from posttrain.stages.base import StageContext
+from posttrain.training.checkpoints import last_complete_checkpoint
+from posttrain.training.distill_data import LogitsDatasetSequences, ShardSequences, collate
+from posttrain.training.sft_run import device_defaults, load_chat_tokenizer, save_model_entry
+
+
+def _trainer_class():
+    import torch
+    from transformers import Trainer
+
+    class DistillTrainer(Trainer):
+        """Trainer with the sparse-KD loss; everything else (resume, logging, FSDP) is the Trainer's."""
+
+        def __init__(self, *args, distill: dict[str, Any], **kwargs):
+            super().__init__(*args, **kwargs)
+            self.distill = distill
+            self.parts: dict[str, list[float]] = {"kd_loss": [], "ce_loss": []}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            valid = inputs["valid"]
+            core = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+            hidden = core(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+            if not valid.any():
+                return hidden.sum() * 0.0
+            loss, parts = distill_loss(
+                hidden[valid], model.get_output_embeddings(), inputs["target_ids"][valid],
+                inputs["target_values"][valid], inputs["next_tokens"][valid], alpha=self.distill["alpha"],
+                loss=self.distill["loss"], temperature=self.distill["temperature"],
+                chunk_size=self.distill["chunk_size"])
+            for key, value in parts.items():
+                self.parts[key].append(value)
+            return (loss, None) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+            for key, values in self.parts.items():
+                if values and "loss" in logs:
+                    logs[key] = sum(values) / len(values)
+                    values.clear()
+            super().log(logs, *args, **kwargs)
+
+    del torch
+    return DistillTrainer
+
+
+def run_distill(config, ctx: StageContext) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    student_path = ctx.inputs["model"].path
+    tokenizer = load_chat_tokenizer(student_path, None, ctx)
+    model = AutoModelForCausalLM.from_pretrained(student_path, dtype="auto")
+    if config.teacher_logits or config.teacher_logits_path:
+        folder = ctx.inputs["teacher_logits"].path if config.teacher_logits else ctx.resolve(config.teacher_logits_path)
+        data = ShardSequences(folder)
+        source = f"stage input {config.teacher_logits!r}" if config.teacher_logits else str(folder)
+        check_compatible(data.meta, tokenizer, model.config.vocab_size, source)
+        if data.meta.get("values") != "logprobs" and config.loss != "renormalized":
+            raise UserError("stored values are not log-probs: use loss: renormalized")
+    else:
+        data = LogitsDatasetSequences(config.logits_dataset, ctx.recipe_dir)
+        if data.meta["vocab_size"] > model.config.vocab_size:
+            raise UserError(f"the student's vocabulary ({model.config.vocab_size}) is smaller than the teacher's "
+                            f"({data.meta['vocab_size']}): the tokenizers are not compatible")
+    temperature = float(data.meta.get("temperature") or 1.0)
+    train, evaluation = data, None
+    if config.test_size:
+        import torch
+
+        size = int(config.test_size if config.test_size >= 1 else round(config.test_size * len(data)))
+        generator = torch.Generator().manual_seed(ctx.seed)
+        train, evaluation = torch.utils.data.random_split(data, [len(data) - size, size], generator=generator)
+    checkpoints = ctx.work_dir / "checkpoints"
+    training = device_defaults(dict(config.training), evaluation is not None)
+    args = TrainingArguments(output_dir=str(checkpoints), seed=ctx.seed, save_strategy="steps",
+                             save_steps=config.save_steps, remove_unused_columns=False,
+                             activation_checkpointing=config.gradient_checkpointing, **training)
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+        data_collator=partial(collate, pad_id=tokenizer.pad_token_id or 0, assistant_only=config.assistant_only),
+        distill={"alpha": config.alpha, "loss": config.loss, "temperature": temperature,
+                 "chunk_size": config.chunk_size},
+    )
+    last = last_complete_checkpoint(checkpoints)
+    started = time.time()
+    output = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    seconds = time.time() - started
+    if ctx.is_main:
+        save_model_entry(trainer.model, tokenizer, ctx, lora=False, checkpoints=checkpoints)
+    history = trainer.state.log_history
+    return {
+        "loss": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+        "kd_loss": [{"step": h["step"], "value": h["kd_loss"]} for h in history if "kd_loss" in h],
+        "ce_loss": [{"step": h["step"], "value": h["ce_loss"]} for h in history if "ce_loss" in h],
+        "eval_loss": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        "final_train_loss": output.training_loss,
+        "steps": trainer.state.global_step,
+        "resumed_from_step": int(last.name.rsplit("-", 1)[1]) if last else 0,
+        "train_seconds": round(seconds, 3),
+        "sequences": len(data),
+        "temperature": temperature,
+        "teacher": data.meta.get("teacher"),
+        "loss_type": config.loss,
+        "alpha": config.alpha,
+    }

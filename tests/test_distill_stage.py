@@ -1,0 +1,196 @@
+"""capture_logits and distill end to end on tiny models."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import posttrain
+from conftest import ROOT, TINY_MODEL, write_recipe
+from posttrain.cli import main
+
+TRAIN = ROOT / "data" / "sft" / "tiny_chat_train.jsonl"
+HELDOUT = ROOT / "data" / "sft" / "tiny_chat_heldout.jsonl"
+TRAIN_ARGS = {"per_device_train_batch_size": 8, "learning_rate": 3e-3, "lr_scheduler_type": "constant"}
+
+
+def recipe_with(folder, stages, name="kd"):
+    body = {"name": name, "base": {"model": str(TINY_MODEL), "chat_template": "llama-3.1"}, "stages": stages}
+    return write_recipe(folder, yaml.safe_dump(body, sort_keys=False))
+
+
+def capture(teacher="base", k=32, encoding="fp16", **extra):
+    return {"kind": "capture_logits", "teacher": teacher, "k": k, "encoding": encoding, "shard_sequences": 100,
+            "data": {"sources": [{"path": str(TRAIN)}], "max_length": 96}, **extra}
+
+
+def teacher_logp(model_dir, input_ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([input_ids])).logits[0].float(), -1)
+
+
+@pytest.mark.parametrize("encoding,tolerance", [("fp16", 0.01), ("q8", 1 / 32 + 1e-4), ("q12", 1 / 256 + 1e-4)])
+def test_stored_values_equal_the_teachers_log_softmax(tmp_path, encoding, tolerance):
+    from posttrain.kd.shards import read_index, read_shard
+
+    result = posttrain.run(recipe_with(tmp_path, {"capture": capture(k=16, encoding=encoding)}))
+    folder = result.path("capture")
+    index = read_index(folder)
+    assert index["k"] == 16 and index["vocab_size"] == 1024 and index["encoding"] == encoding
+    shard = read_shard(folder / index["shards"][0]["file"])
+    for seq in (0, 5):
+        item = shard.sequence(seq)
+        full = teacher_logp(result.path("base"), item["input_ids"].tolist())
+        expected_ids = full.topk(16, -1).indices.numpy()
+        np.testing.assert_array_equal(np.sort(item["target_ids"], -1), np.sort(expected_ids, -1))
+        at_ids = full.gather(-1, torch.from_numpy(item["target_ids"])).numpy()
+        assert np.abs(item["target_values"] - at_ids).max() <= tolerance
+    metrics = result.metrics("capture")
+    assert metrics["tokens"] == sum(len(json.loads(x)["messages"]) for x in []) or metrics["tokens"] > 0
+    assert metrics["shards"] == 3 and metrics["bytes_per_token"] > 0
+
+
+def test_self_distillation_starts_at_zero_loss_so_positions_are_aligned(tmp_path):
+    stages = {"capture": capture(k=1024),  # k = V: the whole distribution
+              "distill": {"kind": "distill", "model": "base", "teacher_logits": "capture",
+                          "training": {"max_steps": 1, **TRAIN_ARGS, "learning_rate": 1e-9}}}
+    result = posttrain.run(recipe_with(tmp_path, stages))
+    first = result.metrics("distill")["kd_loss"][0]["value"]
+    assert first < 1e-3  # fp16 storage error only; a one-position shift gives a KL of several nats
+
+
+def test_distilled_student_is_closer_to_the_teacher_than_sft_on_the_same_tokens(tmp_path):
+    steps = {"max_steps": 40, **TRAIN_ARGS}
+    sft_data = {"sources": [{"path": str(TRAIN)}], "max_length": 96}
+    stages = {
+        "teacher": {"kind": "sft", "data": sft_data, "training": {"max_steps": 80, **TRAIN_ARGS, "per_device_train_batch_size": 16}},
+        "capture": capture(teacher="teacher", k=64),
+        "student_kd": {"kind": "distill", "model": "base", "teacher_logits": "capture", "training": steps},
+        "student_sft": {"kind": "sft", "model": "base", "data": sft_data, "training": steps},
+    }
+    result = posttrain.run(recipe_with(tmp_path, stages))
+    from transformers import AutoTokenizer
+
+    from posttrain.training.tokenize import IGNORE, tokenize_row
+
+    tok = AutoTokenizer.from_pretrained(result.path("teacher"))
+    rows = [json.loads(line) for line in HELDOUT.read_text().splitlines()][:32]
+
+    def heldout_kl(student: str) -> float:
+        total, count = 0.0, 0
+        for row in rows:
+            ids, labels, _ = tokenize_row(tok, row, 96, True)
+            p = teacher_logp(result.path("teacher"), ids)[:-1]
+            q = teacher_logp(result.path(student), ids)[:-1]
+            trained = torch.tensor([label != IGNORE for label in labels[1:]])
+            kl = (p.exp() * (p - q)).sum(-1)
+            total += float(kl[trained].sum())
+            count += int(trained.sum())
+        return total / count
+
+    kd, sft = heldout_kl("student_kd"), heldout_kl("student_sft")
+    assert kd < sft, (kd, sft)
+    assert result.metrics("student_kd")["steps"] == result.metrics("student_sft")["steps"] == 40
+
+
+def test_mismatched_tokenizer_is_one_clear_error(tmp_path, capsys):
+    other = tmp_path / "other-model"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), "--out", str(other),
+                    "--vocab-size", "900", "--seed", "3"], check=True, capture_output=True)
+    body = {"name": "mismatch", "base": {"model": str(TINY_MODEL), "chat_template": "llama-3.1"},
+            "models": {"student": {"model": str(other), "chat_template": "llama-3.1"}},
+            "stages": {"capture": capture(k=8),
+                       "distill": {"kind": "distill", "model": "student", "teacher_logits": "capture",
+                                   "training": {"max_steps": 1}}}}
+    recipe = write_recipe(tmp_path, yaml.safe_dump(body))
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "the student's tokenizer is not compatible with the teacher logits in stage input 'capture'" in err
+    assert "teacher vocab size 1024 > student's 900" in err and "Traceback" not in err
+
+
+def test_corrupt_shard_is_one_clear_error(tmp_path, capsys):
+    stages = {"capture": capture(k=8),
+              "distill": {"kind": "distill", "model": "base", "teacher_logits": "capture", "training": {"max_steps": 1}}}
+    recipe = recipe_with(tmp_path, stages)
+    posttrain.run(recipe, overrides=["stages.distill.training.max_steps=1"])
+    entry = posttrain.Registry(tmp_path / "registry").resolve("kd/capture")
+    shard = tmp_path / "registry" / "entries" / entry / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start, _ = json.loads(data[8:8 + header_len])["topk_values"]["data_offsets"]
+    at = 8 + header_len + start + 64
+    data[at:at + 64] = b"\xff" * 64  # fp16 NaNs in the stored values; the file keeps its size
+    shard.write_bytes(bytes(data))
+    assert main(["run", str(recipe), "stages.distill.alpha=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert f"teacher-logit shard {shard}" in err and "NaN or infinite" in err and "Traceback" not in err
+
+
+def test_capture_resumes_shard_by_shard(tmp_path):
+    """A shard finished before an interruption is reused; the rest are captured."""
+    from posttrain.registry import Registry
+    from posttrain.stages import StageContext, get_stage
+
+    result = posttrain.run(recipe_with(tmp_path, {"capture": capture(k=8)}))
+    stage = get_stage("capture_logits")
+    config = result.recipe.stages["capture"].config
+    work = tmp_path / "work"
+    (work / "shards").mkdir(parents=True)
+    shutil.copy(result.path("capture") / "shard-00000.safetensors", work / "shards")
+    out = tmp_path / "out"
+    out.mkdir()
+    base = Registry(tmp_path / "registry").load(result.entries["base"].key)
+    from posttrain.stages import InputEntry
+
+    ctx = StageContext("capture", {"teacher": InputEntry(base.key, base.path, "model", base.manifest)},
+                       out, work, ROOT, 42)
+    metrics = stage.run(config, ctx)
+    assert metrics["shards_resumed"] == 1 and metrics["shards"] == 3
+    from posttrain.kd.shards import read_shard
+
+    for name in ("shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"):
+        got, want = read_shard(out / name), read_shard(result.path("capture") / name)
+        assert got.meta == want.meta  # header key order is not stable across writes; contents are
+        for field in ("input_ids", "offsets", "loss_mask", "packed_ids", "stored_values"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+
+
+def test_arcee_layout_with_raw_logits_trains_with_the_renormalised_loss(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    rows = []
+    for line in TRAIN.read_text().splitlines()[:16]:
+        ids = tok(json.loads(line)["messages"][0]["content"])["input_ids"]
+        logits = torch.randn(len(ids), 1024, generator=torch.Generator().manual_seed(len(rows)))
+        values, top = logits.topk(8, -1)
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "token_ids": top.tolist(),
+                     "top_values": values.tolist()})
+    data = tmp_path / "logits.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stage = {"kind": "distill", "model": "base", "logits_dataset": {"path": str(data), "vocab_size": 1024},
+             "training": {"max_steps": 2, "per_device_train_batch_size": 4}}
+    recipe = recipe_with(tmp_path, {"distill": stage})
+    assert main(["validate", str(recipe)]) == 2
+    assert "only loss: renormalized is valid for them" in capsys.readouterr().err
+    stage["loss"] = "renormalized"
+    result = posttrain.run(recipe_with(tmp_path, {"distill": stage}))
+    assert result.metrics("distill")["steps"] == 2 and result.metrics("distill")["loss_type"] == "renormalized"
+
+
+def test_python_api(tmp_path, registry_dir):
+    path = posttrain.capture_logits(teacher=TINY_MODEL, data=TRAIN, chat_template="llama-3.1", k=8)
+    assert (path / "index.json").is_file()
+    student = posttrain.distill(model=TINY_MODEL, teacher_logits=path, chat_template="llama-3.1",
+                                max_steps=2, per_device_train_batch_size=8)
+    assert (student / "model.safetensors").is_file()
