@@ -14,14 +14,15 @@ from posttrain.recipe.load import load_recipe_text
 from posttrain.runner import RunResult, run
 
 
-def run_stage(kind: str, model: str | Path, name: str | None = None, registry: str | Path | None = None,
+def run_stage(kind: str, base_model: str | Path, name: str | None = None, registry: str | Path | None = None,
               chat_template: str | None = None, seed: int = 42, base_dir: str | Path = ".",
               models: dict[str, dict] | None = None, **stage: Any) -> RunResult:
-    """Run one stage of `kind` on `model` (a hub id or a local folder, e.g. an earlier entry's path)."""
+    """Run one stage of `kind` whose input is `base_model` (a hub id or a local folder, e.g. an earlier
+    entry's path); `stage` holds the stage's own settings."""
     name = name or f"api-{kind}"
     recipe = {
         "name": name,
-        "base": {"model": str(model), **({"chat_template": chat_template} if chat_template else {})},
+        "base": {"model": str(base_model), **({"chat_template": chat_template} if chat_template else {})},
         "seed": seed,
         "models": models or {},
         "stages": {kind: {"kind": kind, **stage}},

@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.kd.losses import LOSSES
 from posttrain.recipe.model import StrictModel
 from posttrain.stages.base import Stage, StageConfig, StageContext
 from posttrain.stages.sft import check_training_keys

@@ -149,6 +149,7 @@ def run_sft(config, ctx: StageContext) -> dict[str, Any]:
         eval_loss=[{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
         final_train_loss=output.training_loss,
         steps=trainer.state.global_step,
+        train_seconds=round(seconds, 3),
         resumed_from_step=int(last.name.rsplit("-", 1)[1]) if last else 0,
         tokens_seen=int(sum(lengths) * epochs),
         tokens_per_second=round(sum(lengths) * epochs / max(seconds, 1e-9), 1),
