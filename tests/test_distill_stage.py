@@ -194,3 +194,61 @@ def test_python_api(tmp_path, registry_dir):
     student = posttrain.distill(model=TINY_MODEL, teacher_logits=path, chat_template="llama-3.1",
                                 max_steps=2, per_device_train_batch_size=8)
     assert (student / "model.safetensors").is_file()
+
+
+def test_packed_rows_give_the_same_loss_as_separate_sequences(tmp_path):
+    """Block-diagonal attention from restarting position ids: packing changes nothing but the batching."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.kd.losses import distill_loss
+    from posttrain.training.distill_data import PackedSequences, ShardSequences, collate
+
+    result = posttrain.run(recipe_with(tmp_path, {"capture": capture(k=16)}))
+    data = ShardSequences(result.path("capture"))
+    model = AutoModelForCausalLM.from_pretrained(result.path("base")).eval()
+    subset = [data[i] for i in range(6)]
+
+    def loss_of(batch):
+        core = model.get_decoder()
+        with torch.no_grad():
+            if "position_ids" in batch:
+                hidden = core(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                              use_cache=False).last_hidden_state
+            else:
+                hidden = core(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            valid = batch["valid"]
+            return distill_loss(hidden[valid], model.get_output_embeddings(), batch["target_ids"][valid],
+                                batch["target_values"][valid], batch["next_tokens"][valid], alpha=0.5)[0], int(valid.sum())
+
+    separate, n_separate = loss_of(collate(subset, 0, True))
+    packed_data = PackedSequences(subset, max_length=160)
+    assert len(packed_data) < len(subset)  # several sequences per row
+    packed, n_packed = loss_of(collate([packed_data[i] for i in range(len(packed_data))], 0, True))
+    assert n_packed == n_separate
+    torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_distillation_trains(tmp_path):
+    stages = {"capture": capture(k=16),
+              "distill": {"kind": "distill", "model": "base", "teacher_logits": "capture", "packing": True,
+                          "max_length": 256, "alpha": 0.5, "training": {"max_steps": 3, **TRAIN_ARGS}}}
+    metrics = posttrain.run(recipe_with(tmp_path, stages)).metrics("distill")
+    assert metrics["steps"] == 3 and metrics["packed_rows"] < metrics["sequences"]
+
+
+def test_sampled_targets_are_an_empirical_distribution_that_trains(tmp_path):
+    from posttrain.kd.shards import read_index, read_shard
+
+    stages = {"capture": capture(k=12, mode="sampled"),
+              "distill": {"kind": "distill", "model": "base", "teacher_logits": "capture",
+                          "training": {"max_steps": 2, **TRAIN_ARGS}}}
+    result = posttrain.run(recipe_with(tmp_path, stages))
+    folder = result.path("capture")
+    index = read_index(folder)
+    assert index["mode"] == "sampled" and index["samples"] == 12
+    item = read_shard(folder / index["shards"][0]["file"]).sequence(0)
+    mass = np.exp(item["target_values"].astype(np.float64)).sum(-1)
+    np.testing.assert_allclose(mass, 1.0, atol=12 * np.exp(-15) + 1e-3)  # counts / 12 sum to one
+    weights = np.exp(item["target_values"])
+    assert np.allclose(np.round(weights[weights > 1e-3] * 12), weights[weights > 1e-3] * 12, atol=1e-2)
+    assert result.metrics("distill")["steps"] == 2

@@ -47,6 +47,8 @@ class DistillConfig(StageConfig):
     alpha: float = Field(1.0, ge=0, le=1, description="alpha * KD + (1 - alpha) * CE.")
     assistant_only: bool = Field(True, description="Only positions predicting assistant tokens (chat data).")
     chunk_size: int = Field(1024, gt=0, description="Positions per logits chunk.")
+    packing: bool = Field(False, description="Concatenate sequences into rows of max_length tokens.")
+    max_length: int = Field(2048, gt=0, description="Packed row length.")
     test_size: float | int | None = Field(None, gt=0)
     gradient_checkpointing: bool = False
     save_steps: int = Field(50, gt=0)

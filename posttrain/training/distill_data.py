@@ -79,9 +79,42 @@ class LogitsDatasetSequences:
                 "target_values": values}
 
 
+class PackedSequences:
+    """Consecutive sequences concatenated into rows of at most `max_length` tokens.
+
+    Position ids restart at each sequence, which transformers turns into a block-diagonal attention
+    mask (no attention across sequences); the last position of each sequence is never trained on,
+    because its next token belongs to the following sequence.
+    """
+
+    def __init__(self, data, max_length: int):
+        self.data, self.bins, current, used = data, [], [], 0
+        for index in range(len(data)):
+            length = len(data[index]["input_ids"])
+            if current and used + length > max_length:
+                self.bins.append(current)
+                current, used = [], 0
+            current.append(index)
+            used += length
+        if current:
+            self.bins.append(current)
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        parts = [self.data[i] for i in self.bins[index]]
+        row = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        row["position_ids"] = np.concatenate([np.arange(len(p["input_ids"])) for p in parts])
+        row["sequence_end"] = np.concatenate([np.arange(len(p["input_ids"])) == len(p["input_ids"]) - 1
+                                              for p in parts])
+        return row
+
+
 def collate(rows: list[dict[str, np.ndarray]], pad_id: int, assistant_only: bool) -> dict[str, Any]:
-    """Pad a batch. `valid[b, t]` marks positions whose next token is trained on (it exists, and is an
-    assistant token when assistant_only); position t's stored targets pair with the logits at t."""
+    """Pad a batch. `valid[b, t]` marks positions whose next token is trained on (it exists in the same
+    sequence, and is an assistant token when assistant_only); position t's stored targets pair with
+    the student's logits at t."""
     import torch
 
     longest = max(len(r["input_ids"]) for r in rows)
@@ -93,6 +126,9 @@ def collate(rows: list[dict[str, np.ndarray]], pad_id: int, assistant_only: bool
     next_tokens = torch.zeros((batch, longest), dtype=torch.long)
     target_ids = torch.zeros((batch, longest, k), dtype=torch.long)
     target_values = torch.zeros((batch, longest, k), dtype=torch.float32)
+    packed = "position_ids" in rows[0]
+    # Padding gets its own position run (restarting at 0), so under packing it is a separate block.
+    position_ids = torch.arange(longest).repeat(batch, 1)
     for b, row in enumerate(rows):
         n = len(row["input_ids"])
         ids = torch.from_numpy(row["input_ids"])
@@ -100,7 +136,14 @@ def collate(rows: list[dict[str, np.ndarray]], pad_id: int, assistant_only: bool
         next_tokens[b, : n - 1] = ids[1:]
         mask = torch.from_numpy(np.asarray(row["loss_mask"], dtype=bool))
         valid[b, : n - 1] = mask[1:] if assistant_only else True
+        if packed:
+            position_ids[b, :n] = torch.from_numpy(row["position_ids"])
+            position_ids[b, n:] = torch.arange(longest - n)
+            valid[b, :n] &= ~torch.from_numpy(row["sequence_end"])
         target_ids[b, :n] = torch.from_numpy(row["target_ids"])
         target_values[b, :n] = torch.from_numpy(row["target_values"])
-    return {"input_ids": input_ids, "attention_mask": attention, "valid": valid, "next_tokens": next_tokens,
-            "target_ids": target_ids, "target_values": target_values}
+    out = {"input_ids": input_ids, "attention_mask": attention, "valid": valid, "next_tokens": next_tokens,
+           "target_ids": target_ids, "target_values": target_values}
+    if packed:
+        out["position_ids"] = position_ids
+    return out

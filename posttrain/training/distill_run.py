@@ -10,7 +10,7 @@ from posttrain.kd.tokenizer_check import check_compatible
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
 from posttrain.training.checkpoints import last_complete_checkpoint
-from posttrain.training.distill_data import LogitsDatasetSequences, ShardSequences, collate
+from posttrain.training.distill_data import LogitsDatasetSequences, PackedSequences, ShardSequences, collate
 from posttrain.training.sft_run import device_defaults, load_chat_tokenizer, save_model_entry
 
 
@@ -29,7 +29,14 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             valid = inputs["valid"]
             core = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-            hidden = core(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+            # Packed rows: transformers makes attention block-diagonal from restarting position ids, but
+            # only with no attention mask and no KV cache (use_cache=False).
+            if "position_ids" in inputs:
+                hidden = core(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                              use_cache=False).last_hidden_state
+            else:
+                hidden = core(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                              use_cache=False).last_hidden_state
             if not valid.any():
                 return hidden.sum() * 0.0
             loss, parts = distill_loss(
@@ -70,7 +77,11 @@ def run_distill(config, ctx: StageContext) -> dict[str, Any]:
         if data.meta["vocab_size"] > model.config.vocab_size:
             raise UserError(f"the student's vocabulary ({model.config.vocab_size}) is smaller than the teacher's "
                             f"({data.meta['vocab_size']}): the tokenizers are not compatible")
-    temperature = float(data.meta.get("temperature") or 1.0)
+    meta = data.meta
+    temperature = float(meta.get("temperature") or 1.0)
+    sequences = len(data)
+    if config.packing:
+        data = PackedSequences(data, config.max_length)
     train, evaluation = data, None
     if config.test_size:
         import torch
@@ -105,9 +116,10 @@ def run_distill(config, ctx: StageContext) -> dict[str, Any]:
         "steps": trainer.state.global_step,
         "resumed_from_step": int(last.name.rsplit("-", 1)[1]) if last else 0,
         "train_seconds": round(seconds, 3),
-        "sequences": len(data),
+        "sequences": sequences,
+        "packed_rows": len(data) if config.packing else None,
         "temperature": temperature,
-        "teacher": data.meta.get("teacher"),
+        "teacher": meta.get("teacher"),
         "loss_type": config.loss,
         "alpha": config.alpha,
     }
