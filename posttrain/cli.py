@@ -25,7 +25,7 @@ def _registry_for(args):
 def cmd_validate(args) -> int:
     from posttrain.recipe import load_recipe
 
-    loaded = load_recipe(args.recipe_file, args.profile, args.overrides)
+    loaded = load_recipe(args.recipe_file, args.profile, args.overrides, deep=True)
     stages = [n for n in loaded.order if loaded.stages[n].kind != "model" or n != "base"]
     print(f"{args.recipe_file}: ok — {len(stages)} stages: {' -> '.join(stages)}")
     return 0

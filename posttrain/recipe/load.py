@@ -74,7 +74,8 @@ class _Origins:
         return (), "?", None
 
 
-def load_recipe(path: str | Path, profile: str | None = None, overrides: list[str] | tuple = ()) -> LoadedRecipe:
+def load_recipe(path: str | Path, profile: str | None = None, overrides: list[str] | tuple = (),
+                deep: bool = False) -> LoadedRecipe:
     """Load and fully validate a recipe. Raises RecipeError listing every problem found."""
     path = Path(path)
     if not path.is_file():
@@ -83,11 +84,11 @@ def load_recipe(path: str | Path, profile: str | None = None, overrides: list[st
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read recipe {path}: {exc}") from exc
-    return load_recipe_text(text, path, profile, overrides)
+    return load_recipe_text(text, path, profile, overrides, deep=deep)
 
 
 def load_recipe_text(text: str, path: Path, profile: str | None = None, overrides: list[str] | tuple = (),
-                     shown: str | None = None) -> LoadedRecipe:
+                     shown: str | None = None, deep: bool = False) -> LoadedRecipe:
     """Validate recipe text as if read from `path` (relative paths resolve against its folder)."""
     shown = shown or str(path)
     data, lines, problems = load_yaml_with_lines(text, shown)
@@ -122,7 +123,7 @@ def load_recipe_text(text: str, path: Path, profile: str | None = None, override
             report(loc, _message(error, Recipe, loc))
 
     recipe_dir = path.parent.resolve()
-    stages = _validate_stages(data, recipe_dir, report, origins)
+    stages = _validate_stages(data, recipe_dir, report, origins, deep)
     order: list[str] = []
     if stages is not None:
         order = _check_graph(stages, report)
@@ -159,7 +160,8 @@ def _apply_profile(data: dict, profile: str | None, lines: dict, origins: _Origi
     return merged
 
 
-def _validate_stages(data: dict, recipe_dir: Path, report, origins: _Origins) -> dict[str, ResolvedStage] | None:
+def _validate_stages(data: dict, recipe_dir: Path, report, origins: _Origins, deep: bool = False
+                     ) -> dict[str, ResolvedStage] | None:
     raw_stages = data.get("stages")
     if not isinstance(raw_stages, dict):
         return None
@@ -217,7 +219,8 @@ def _validate_stages(data: dict, recipe_dir: Path, report, origins: _Origins) ->
                     full = anchor = ("defaults", kind) + sub  # the bad value came from `defaults`
                 report(full, _message(error, stage.Config, sub), anchor)
             continue
-        for key, message in stage.validate(config, recipe_dir):
+        checks = stage.validate(config, recipe_dir) + (stage.deep_validate(config, recipe_dir) if deep else [])
+        for key, message in checks:
             report(loc + tuple(key.split(".")), message)
         for key, value in stage.local_files(config).items():
             p = Path(value).expanduser()

@@ -15,6 +15,7 @@ BUILTIN_STAGES: dict[str, str] = {
     "dpo": "posttrain.stages.dpo:DPOStage",
     "capture_logits": "posttrain.stages.capture_logits:CaptureLogitsStage",
     "distill": "posttrain.stages.distill:DistillStage",
+    "merge": "posttrain.stages.merge:MergeStage",
 }
 
 ENTRY_POINT_GROUP = "posttrain.stages"

@@ -81,6 +81,11 @@ class Stage:
         """Extra checks that need more than the config model: (dotted path, message) pairs."""
         return []
 
+    def deep_validate(self, config: StageConfig, recipe_dir: Path) -> list[tuple[str, str]]:
+        """Checks that need heavy libraries (e.g. mergekit's own config model). Run by `posttrain validate`
+        and at the start of the stage, but not by `plan`/`run`'s fast path."""
+        return []
+
     def run(self, config: StageConfig, ctx: StageContext) -> dict[str, Any]:
         """Do the work, write the result into `ctx.out_dir`, and return metrics for the manifest."""
         raise NotImplementedError  # abstract: every registered kind overrides it

@@ -1,0 +1,55 @@
+"""`kind: merge`: merge checkpoints with mergekit (as a library; no method is re-implemented here).
+
+Deterministic by construction: `base_model` is always explicit, so the config, tokenizer, chat
+template and generation config come from a known donor (we copy them ourselves rather than rely on
+mergekit's choice); stochastic methods get `random_seed`; the output folder is always fresh; the model
+card is ours (mergekit's calls the hub for short relative paths).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from posttrain.recipe.model import StrictModel
+from posttrain.stages.base import Stage, StageConfig, StageContext
+
+
+class MergeInput(StrictModel):
+    model: str = Field(description="A stage or model.")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="Per-model method parameters.")
+
+
+class MergeConfig(StageConfig):
+    kind: Literal["merge"] = "merge"
+    method: str = Field(description="Any mergekit merge method: linear, ties, dare_ties, slerp, ...")
+    base_model: str | None = Field(None, description="Base / donor model; default: the first model.")
+    models: list[MergeInput] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict, description="Method parameters for all models.")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    out_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    tokenizer_source: Literal["base", "union"] = "base"
+    options: dict[str, Any] = Field(default_factory=dict, description="mergekit MergeOptions fields.")
+
+
+class MergeStage(Stage):
+    kind = "merge"
+    version = "1"
+    Config = MergeConfig
+    produces = "model"
+
+    def inputs(self, config: MergeConfig) -> dict[str, str]:
+        refs = {f"models.{i}.model": item.model for i, item in enumerate(config.models)}
+        refs["base_model"] = config.base_model or config.models[0].model
+        return refs
+
+    def deep_validate(self, config: MergeConfig, recipe_dir: Path) -> list[tuple[str, str]]:
+        from posttrain.training.merge_run import check_merge_config
+
+        return check_merge_config(config)
+
+    def run(self, config: MergeConfig, ctx: StageContext) -> dict[str, Any]:
+        from posttrain.training.merge_run import run_merge_stage
+
+        return run_merge_stage(config, ctx)
