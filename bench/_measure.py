@@ -6,7 +6,27 @@ import json
 import resource
 import runpy
 import sys
+import threading
 import time
+
+peak_anon_kb = 0
+
+
+def _sample_anonymous_memory() -> None:
+    """Peak RssAnon: memory that is really the process's (mmap'd file pages excluded)."""
+    global peak_anon_kb
+    while True:
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("RssAnon:"):
+                        peak_anon_kb = max(peak_anon_kb, int(line.split()[1]))
+        except OSError:
+            return
+        time.sleep(0.005)
+
+
+threading.Thread(target=_sample_anonymous_memory, daemon=True).start()
 
 out = sys.argv[1]
 if sys.argv[2] == "-m":
@@ -23,5 +43,6 @@ except SystemExit as exc:
 seconds = time.perf_counter() - start
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 with open(out, "a") as fh:
-    fh.write(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "exit": code}) + "\n")
+    fh.write(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "peak_anon_mb": peak_anon_kb / 1024,
+                         "exit": code}) + "\n")
 sys.exit(code)

@@ -16,6 +16,7 @@ BUILTIN_STAGES: dict[str, str] = {
     "capture_logits": "posttrain.stages.capture_logits:CaptureLogitsStage",
     "distill": "posttrain.stages.distill:DistillStage",
     "merge": "posttrain.stages.merge:MergeStage",
+    "eval": "posttrain.stages.evaluate:EvalStage",
 }
 
 ENTRY_POINT_GROUP = "posttrain.stages"

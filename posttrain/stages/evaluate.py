@@ -1,0 +1,63 @@
+"""`kind: eval`: lm-evaluation-harness on one or more stages, plus cheap built-in metrics.
+
+Standard task names (mmlu, hellaswag, arc_challenge, truthfulqa_mc2, gsm8k, bbh ...) for real runs;
+local task YAMLs (with JSONL data) for offline CI; held-out perplexity and exact match on a local
+chat file without lm-eval at all. Results (value and stderr) go into the manifest and results.json.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from posttrain.data.sources import DataConfig, local_data_files
+from posttrain.recipe.model import StrictModel
+from posttrain.stages.base import Stage, StageConfig, StageContext
+
+
+class ExactMatch(StrictModel):
+    data: DataConfig = Field(description="Chat rows; the last assistant turn is the reference answer.")
+    max_new_tokens: int = Field(32, gt=0)
+
+
+class EvalConfig(StageConfig):
+    kind: Literal["eval"] = "eval"
+    models: list[str] = Field(min_length=1, description="Stages or models to evaluate.")
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task names (standard or local).")
+    task_dirs: list[str] = Field(default_factory=list, description="Folders of local lm-eval task YAMLs.")
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: int | float | None = Field(None, gt=0, description="Examples per task (for smoke runs).")
+    batch_size: int = Field(8, gt=0)
+    apply_chat_template: bool | Literal["auto"] = Field(
+        "auto", description="auto: for post-trained models, not for `kind: model` entries (base models).")
+    perplexity: DataConfig | None = Field(None, description="Held-out loss / perplexity on assistant tokens.")
+    exact_match: ExactMatch | None = None
+
+
+class EvalStage(Stage):
+    kind = "eval"
+    version = "1"
+    Config = EvalConfig
+    produces = "eval"
+
+    def inputs(self, config: EvalConfig) -> dict[str, str]:
+        return {f"models.{i}": name for i, name in enumerate(config.models)}
+
+    def local_files(self, config: EvalConfig) -> dict[str, str]:
+        files = {f"task_dirs.{i}": d for i, d in enumerate(config.task_dirs)}
+        if config.perplexity:
+            files.update({f"perplexity.{k[5:]}": v for k, v in local_data_files(config.perplexity).items()})
+        if config.exact_match:
+            files.update({f"exact_match.{k}": v for k, v in local_data_files(config.exact_match.data).items()})
+        return files
+
+    def validate(self, config: EvalConfig, recipe_dir: Path) -> list[tuple[str, str]]:
+        if not (config.tasks or config.perplexity or config.exact_match):
+            return [("tasks", "nothing to evaluate: give tasks, perplexity or exact_match")]
+        return []
+
+    def run(self, config: EvalConfig, ctx: StageContext) -> dict[str, Any]:
+        from posttrain.training.eval_run import run_eval
+
+        return run_eval(config, ctx)

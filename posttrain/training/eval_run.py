@@ -1,0 +1,129 @@
+"""The eval stage's body: lm-eval's Python API per model, and the built-in metrics."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from posttrain.data.sources import load_conversations
+from posttrain.errors import UserError
+from posttrain.stages.base import StageContext
+from posttrain.training.tokenize import IGNORE, chat_token_ids, tokenize_row
+
+
+def prepare_task_dirs(task_dirs: list[str], ctx: StageContext) -> Path | None:
+    """Copy local task YAMLs to the work folder with their data_files made absolute.
+
+    lm-eval hands `data_files` to datasets, which resolves relative paths against the current
+    directory; recipes (and their task folders) must work from anywhere.
+    """
+    if not task_dirs:
+        return None
+    target = ctx.work_dir / "tasks"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for i, folder in enumerate(task_dirs):
+        source = ctx.resolve(folder)
+        if not source.is_dir():
+            raise UserError(f"task folder not found: {source}")
+        for task_file in sorted(source.glob("*.yaml")):
+            data = yaml.safe_load(task_file.read_text())
+            files = (data.get("dataset_kwargs") or {}).get("data_files")
+            if isinstance(files, dict):
+                data["dataset_kwargs"]["data_files"] = {
+                    split: str((source / path).resolve()) if not Path(path).is_absolute() else path
+                    for split, path in files.items()}
+            (target / f"{i}-{task_file.name}").write_text(yaml.safe_dump(data, sort_keys=False))
+    return target
+
+
+def run_eval(config, ctx: StageContext) -> dict[str, Any]:
+    results: dict[str, dict[str, Any]] = {}
+    include = prepare_task_dirs(config.task_dirs, ctx)
+    for i, name in enumerate(config.models):
+        entry = ctx.inputs[f"models.{i}"]
+        model_results: dict[str, Any] = {}
+        chat = config.apply_chat_template if config.apply_chat_template != "auto" else entry.kind != "model"
+        if config.tasks:
+            model_results.update(_lm_eval(entry.path, config, include, bool(chat), ctx.seed))
+        if config.perplexity or config.exact_match:
+            model_results.update(_builtin(entry.path, config, ctx))
+        results[name] = model_results
+        ctx.log.info("eval %s: %s", name, json.dumps(model_results))
+    if ctx.is_main:
+        (ctx.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return {"results": results, "models": {n: ctx.inputs[f"models.{i}"].key for i, n in enumerate(config.models)}}
+
+
+def _lm_eval(path: Path, config, include: Path | None, chat: bool, seed: int) -> dict[str, Any]:
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lm = HFLM(pretrained=str(path), device=device, batch_size=config.batch_size, dtype="auto")
+    manager = TaskManager(include_path=str(include) if include else None)
+    try:
+        output = simple_evaluate(model=lm, tasks=list(config.tasks), num_fewshot=config.num_fewshot,
+                                 limit=config.limit, task_manager=manager, apply_chat_template=chat,
+                                 log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                 torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
+    except KeyError as exc:
+        raise UserError(f"lm-eval does not know task {exc}; check `tasks` and `task_dirs`") from exc
+    found: dict[str, Any] = {}
+    for task, metrics in (output or {}).get("results", {}).items():
+        for key, value in metrics.items():
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            metric, filter_name = key.split(",", 1)
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            label = f"{task}/{metric}" if filter_name in ("none", "last-number") else f"{task}/{metric}/{filter_name}"
+            found[label] = {"value": float(value),
+                            "stderr": float(stderr) if isinstance(stderr, (int, float)) else None}
+    return found
+
+
+def _builtin(path: Path, config, ctx: StageContext) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    found: dict[str, Any] = {}
+    if config.perplexity:
+        rows, _ = load_conversations(config.perplexity, ctx.recipe_dir, ctx.seed)
+        total, count, per_row = 0.0, 0, []
+        for row in rows:
+            ids, labels, _ = tokenize_row(tokenizer, row, config.perplexity.max_length, "messages" in row)
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, :-1].float()
+            targets = torch.tensor(labels[1:])
+            keep = targets != IGNORE
+            losses = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none")
+            total += float(losses.sum())
+            count += int(keep.sum())
+            per_row.append(float(losses.mean()))
+        loss = total / max(count, 1)
+        stderr = (torch.tensor(per_row).std().item() / math.sqrt(len(per_row))) if len(per_row) > 1 else None
+        found["heldout/loss"] = {"value": loss, "stderr": stderr}
+        found["heldout/perplexity"] = {"value": math.exp(loss), "stderr": None}
+    if config.exact_match:
+        rows, _ = load_conversations(config.exact_match.data, ctx.recipe_dir, ctx.seed)
+        hits = []
+        for row in rows:
+            messages = row["messages"]
+            prompt = chat_token_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+            with torch.no_grad():
+                out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                     max_new_tokens=config.exact_match.max_new_tokens, do_sample=False)
+            answer = tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
+            hits.append(float(answer == messages[-1]["content"].strip()))
+        mean = sum(hits) / len(hits)
+        found["generation/exact_match"] = {"value": mean,
+                                           "stderr": math.sqrt(mean * (1 - mean) / len(hits)) if len(hits) > 1 else None}
+    return found
