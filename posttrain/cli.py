@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -163,6 +164,51 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from posttrain import report as reporting
+    from posttrain.registry import CorruptEntry, Registry, resolve_root
+
+    target = args.target
+    if Path(target).suffix in (".yaml", ".yml") or Path(target).is_file():
+        from posttrain.recipe import load_recipe
+
+        loaded = load_recipe(target, args.profile, args.overrides)
+        registry = Registry(resolve_root(args.registry, loaded.recipe.registry, loaded.dir))
+        entries, missing = {}, []
+        for name in loaded.order:
+            key = registry.get_ref(f"{loaded.ref_namespace}/{name}")
+            entry = registry.get(key) if key else None
+            (entries.__setitem__(name, entry) if entry else missing.append(name))
+        title = loaded.ref_namespace
+        if missing:
+            print(f"not built yet (run the recipe first): {', '.join(missing)}")
+    else:
+        registry = Registry(resolve_root(args.registry))
+        key = registry.resolve(target)
+        try:
+            top = registry.load(key)
+        except (KeyError, CorruptEntry) as exc:
+            raise UserError(f"cannot report on {target}: {exc}") from None
+        entries = {}
+        for k in sorted(registry.lineage(key), key=lambda k: registry.get(k).manifest["timings"]["finished"]
+                        if registry.get(k) else 0):
+            entry = registry.get(k)
+            if entry:
+                entries[entry.manifest.get("stage", k[:12])] = entry
+        title = top.manifest.get("ref", target)
+    if not entries:
+        raise UserError(f"nothing to report for {target}: no built entries")
+    report = reporting.build(title, entries)
+    out = Path(args.out) if args.out else Path("reports") / title.replace("/", "_")
+    written = reporting.write(report, registry, out)
+    for line in reporting.table_lines(report):
+        print(line)
+    for name, kind, summary in reporting.training_summary(report):
+        print(f"{name} ({kind}): {summary}")
+    print(f"wrote {written['markdown']}, {written['html']} and {len(written) - 2} PNGs in {out}")
+    return 0
+
+
 def cmd_schema(args) -> int:
     from posttrain.schema import recipe_schema
 
@@ -219,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     gc = registry_verb("gc", cmd_gc, "remove entries no ref reaches and leftovers of killed runs (dry run unless --yes)")
     gc.add_argument("--yes", action="store_true", help="really delete")
     gc.add_argument("--include-work", action="store_true", help="also delete work folders of interrupted runs")
+    report = sub.add_parser("report", help="metrics table, loss curves and lineage graph (Markdown + HTML)",
+                            description="metrics table (stages as columns, deltas against base), loss curves "
+                                        "per training stage and the lineage graph, as Markdown and HTML")
+    report.add_argument("target", metavar="RECIPE|REF", help="a recipe file, or a ref/key (its lineage)")
+    report.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    report.add_argument("--profile", "-p")
+    report.add_argument("--registry")
+    report.add_argument("--out", "-o", help="output folder (default: reports/<recipe>)")
+    report.set_defaults(func=cmd_report)
     schema = sub.add_parser("schema", help="print the recipe JSON schema (for editor autocompletion)")
     schema.set_defaults(func=cmd_schema)
     return parser
@@ -239,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nposttrain: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        sys.stderr = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

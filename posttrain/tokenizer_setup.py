@@ -60,6 +60,11 @@ def write_generation_config(out_dir: Path, tokenizer) -> None:
     gen.setdefault("_from_model_config", False)
     path.unlink(missing_ok=True)  # never write through a hard link into someone else's file
     path.write_text(json.dumps(gen, indent=2) + "\n")
+    if model_config and model_config.get("eos_token_id") != gen["eos_token_id"]:
+        # Keep config.json in step (as Llama-3.1-Instruct ships), or transformers re-aligns it with a warning.
+        model_config["eos_token_id"] = gen["eos_token_id"]
+        config_path.unlink()
+        config_path.write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
 
 
 def _as_list(value) -> list:

@@ -1,0 +1,214 @@
+"""`posttrain report`: metrics per stage as a table (rows: metrics, columns: stages, deltas against the
+base), loss curves per training stage as PNG, and the lineage graph, in Markdown and HTML."""
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.registry import Entry, Registry, short
+
+CURVES = {  # metric series worth plotting, by the names stages store them under
+    "loss": "train loss", "eval_loss": "eval loss", "kd_loss": "KD loss", "ce_loss": "CE loss",
+    "rewards_margins": "reward margin", "rewards_accuracies": "preference accuracy",
+}
+
+
+@dataclass
+class Report:
+    title: str
+    entries: dict[str, Entry]  # stage name -> entry, in recipe order
+    columns: list[str] = field(default_factory=list)  # evaluated models
+    rows: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # metric -> model -> value/stderr
+
+
+def build(title: str, entries: dict[str, Entry]) -> Report:
+    report = Report(title, entries)
+    for entry in entries.values():
+        if entry.kind != "eval":
+            continue
+        results = entry.manifest.get("metrics", {}).get("results", {})
+        order = entry.manifest.get("config", {}).get("models") or sorted(results)  # the recipe's order
+        for model in order:
+            metrics = results.get(model, {})
+            if model not in report.columns:
+                report.columns.append(model)
+            for metric, value in metrics.items():
+                report.rows.setdefault(metric, {})[model] = value
+    return report
+
+
+def series(values: Any) -> list[tuple[float, float]]:
+    """[(step, value)] from the shapes stages store: {"step", "loss"|"eval_loss"|"value"}."""
+    points = []
+    for item in values if isinstance(values, list) else []:
+        if isinstance(item, dict) and "step" in item:
+            value = next((item[k] for k in ("value", "loss", "eval_loss") if k in item), None)
+            if isinstance(value, (int, float)):
+                points.append((float(item["step"]), float(value)))
+    return points
+
+
+def table_lines(report: Report, fmt: str = "text") -> list[str]:
+    if not report.rows:
+        return []
+    base = "base" if "base" in report.columns else None
+    header = ["metric", *report.columns]
+
+    def cell(metric: str, model: str) -> str:
+        value = report.rows[metric].get(model)
+        if value is None:
+            return "-"
+        text = f"{value['value']:.4g}"
+        if value.get("stderr") is not None:
+            text += f" ± {value['stderr']:.2g}"
+        reference = report.rows[metric].get(base) if base and model != base else None
+        if reference is not None:
+            text += f" ({value['value'] - reference['value']:+.3g})"
+        return text
+
+    rows = [[metric, *(cell(metric, m) for m in report.columns)] for metric in sorted(report.rows)]
+    if fmt == "markdown":
+        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)) for r in [header, *rows]]
+
+
+def plot_curves(report: Report, out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = {}
+    for name, entry in report.entries.items():
+        metrics = entry.manifest.get("metrics", {})
+        available = {key: series(metrics.get(key)) for key in CURVES}
+        available = {k: v for k, v in available.items() if v}
+        if not available:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        for key, points in available.items():
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if len(points) < 3 else None, linewidth=1.8, label=CURVES[key])
+        ax.set_title(f"{name} ({entry.kind})")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"curves-{name}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written[name] = path
+    return written
+
+
+def plot_lineage(report: Report, registry: Registry, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {entry.key: name for name, entry in report.entries.items()}
+    depth: dict[str, int] = {}
+
+    def level(name: str) -> int:
+        if name not in depth:
+            inputs = report.entries[name].manifest.get("inputs", {}).values()
+            parents = [names[k] for k in inputs if k in names]
+            depth[name] = 1 + max((level(p) for p in parents), default=-1)
+        return depth[name]
+
+    for name in report.entries:
+        level(name)
+    columns: dict[int, list[str]] = {}
+    for name in report.entries:
+        columns.setdefault(depth[name], []).append(name)
+    position = {n: (d, -i) for d, group in columns.items() for i, n in enumerate(group)}
+    fig, ax = plt.subplots(figsize=(2.2 * (max(columns) + 1) + 1, 1.2 * max(len(g) for g in columns.values()) + 1),
+                           dpi=100)
+    for name, entry in report.entries.items():
+        for key in entry.manifest.get("inputs", {}).values():
+            if key in names:
+                (x0, y0), (x1, y1) = position[names[key]], position[name]
+                skips = x1 - x0 > 1 or y0 != y1  # curve edges that would run behind other boxes
+                ax.annotate("", xy=(x1 - 0.3, y1), xytext=(x0 + 0.3, y0),
+                            arrowprops={"arrowstyle": "->", "color": "#555555",
+                                        "connectionstyle": f"arc3,rad={-0.3 if skips else 0}"})
+    for name, (x, y) in position.items():
+        entry = report.entries[name]
+        ax.text(x, y, f"{name}\n{entry.kind} · {short(entry.key)[:8]}", ha="center", va="center", fontsize=8,
+                bbox={"boxstyle": "round", "facecolor": "#dbe9f6", "edgecolor": "#1f77b4"})
+    ax.set_xlim(-0.6, max(columns) + 0.6)
+    ax.set_ylim(-max(len(g) for g in columns.values()) + 0.4, 1.0)
+    ax.axis("off")
+    fig.tight_layout()
+    path = out / "lineage.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def training_summary(report: Report) -> list[tuple[str, str, str]]:
+    """(stage, kind, short summary) for the stages that trained."""
+    lines = []
+    for name, entry in report.entries.items():
+        m = entry.manifest.get("metrics", {})
+        parts = []
+        for key in ("final_train_loss", "final_eval_loss", "steps", "tokens_per_second", "train_seconds"):
+            if isinstance(m.get(key), (int, float)):
+                parts.append(f"{key}={m[key]:.4g}")
+        margins = series(m.get("rewards_margins"))
+        if margins:
+            parts.append(f"reward margin {margins[0][1]:.3g} -> {margins[-1][1]:.3g}")
+        if parts:
+            lines.append((name, entry.kind, ", ".join(parts)))
+    return lines
+
+
+def write(report: Report, registry: Registry, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    curves = plot_curves(report, out)
+    lineage = plot_lineage(report, registry, out)
+    summary = training_summary(report)
+    md = [f"# {report.title}", ""]
+    if report.rows:
+        md += ["## Evaluation", "", "Values ± stderr; (deltas against base).", "", *table_lines(report, "markdown"), ""]
+    if summary:
+        md += ["## Training", "", "| stage | kind | summary |", "|---|---|---|"]
+        md += [f"| {n} | {k} | {s} |" for n, k, s in summary] + [""]
+    md += ["## Lineage", "", f"![lineage]({lineage.name})", ""]
+    for name, path in curves.items():
+        md += [f"### {name}", "", f"![{name}]({path.name})", ""]
+    md += ["## Entries", "", "| stage | kind | key |", "|---|---|---|"]
+    md += [f"| {n} | {e.kind} | `{e.key}` |" for n, e in report.entries.items()]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    (out / "report.html").write_text(_html(report, curves, lineage, summary))
+    (out / "report.json").write_text(json.dumps({"columns": report.columns, "rows": report.rows}, indent=2) + "\n")
+    return {"markdown": out / "report.md", "html": out / "report.html", "lineage": lineage, **curves}
+
+
+def _html(report: Report, curves: dict[str, Path], lineage: Path, summary) -> str:
+    esc = html.escape
+    parts = [f"<!doctype html><meta charset=utf-8><title>{esc(report.title)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>",
+             f"<h1>{esc(report.title)}</h1>"]
+    if report.rows:
+        lines = table_lines(report, "markdown")
+        header = [c.strip() for c in lines[0].strip("|").split("|")]
+        parts.append("<h2>Evaluation</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
+        for line in lines[2:]:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+        parts.append("</table>")
+    if summary:
+        parts.append("<h2>Training</h2><table><tr><th>stage</th><th>kind</th><th>summary</th></tr>")
+        parts += [f"<tr><td>{esc(n)}</td><td>{esc(k)}</td><td>{esc(s)}</td></tr>" for n, k, s in summary]
+        parts.append("</table>")
+    parts.append(f"<h2>Lineage</h2><img src='{lineage.name}' alt='lineage'>")
+    for name, path in curves.items():
+        parts.append(f"<h3>{esc(name)}</h3><img src='{path.name}' alt='{esc(name)} curves'>")
+    return "\n".join(parts) + "\n"
