@@ -50,11 +50,38 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def launch_command(args) -> list[str]:
+    """The same `posttrain run`, started once per process by torchrun or accelerate."""
+    inner = ["-m", "posttrain.cli", "run", args.recipe_file, *args.overrides]
+    if args.profile:
+        inner += ["--profile", args.profile]
+    if args.registry:
+        inner += ["--registry", args.registry]
+    if args.launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc or 2), *inner]
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if args.accelerate_config:
+        if not Path(args.accelerate_config).is_file():
+            raise UserError(f"accelerate config not found: {args.accelerate_config}")
+        command += ["--config_file", args.accelerate_config]
+    if args.nproc:
+        command += ["--num_processes", str(args.nproc)]
+    return command + inner
+
+
 def cmd_run(args) -> int:
     from posttrain.recipe import load_recipe
-    from posttrain.runner import StageFailed, run
+    from posttrain.runner import StageFailed, rank_info, run
 
     loaded = load_recipe(args.recipe_file, args.profile, args.overrides)
+    if getattr(args, "launcher", None):
+        import subprocess
+
+        command = launch_command(args)
+        print("launching:", " ".join(command))
+        return subprocess.call(command)
+    if rank_info()[0] != 0:  # one process speaks for all
+        sys.stdout = open(os.devnull, "w")
     started = time.time()
     try:
         result = run(loaded, registry=args.registry)
@@ -246,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    recipe_verb("run", cmd_run, "run every stage not already in the registry")
+    run_parser = recipe_verb("run", cmd_run, "run every stage not already in the registry")
+    run_parser.add_argument("--launcher", choices=["torchrun", "accelerate"],
+                            help="start one process per device (each runs the stages; rank 0 writes the registry)")
+    run_parser.add_argument("--nproc", type=int, default=None, help="processes per machine (torchrun default: 2)")
+    run_parser.add_argument("--accelerate-config", help="an accelerate config file, e.g. configs/accelerate/fsdp.yaml")
     recipe_verb("plan", cmd_plan, "show what would run, what is cached, and why")
     recipe_verb("validate", cmd_validate, "check a recipe and report every error at once (no side effects)")
 

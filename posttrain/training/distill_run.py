@@ -104,8 +104,7 @@ def run_distill(config, ctx: StageContext) -> dict[str, Any]:
     started = time.time()
     output = trainer.train(resume_from_checkpoint=str(last) if last else None)
     seconds = time.time() - started
-    if ctx.is_main:
-        save_model_entry(trainer.model, tokenizer, ctx, lora=False, checkpoints=checkpoints)
+    save_model_entry(trainer, tokenizer, ctx, lora=False, checkpoints=checkpoints)
     history = trainer.state.log_history
     return {
         "loss": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],

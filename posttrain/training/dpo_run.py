@@ -97,8 +97,8 @@ def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
     output = trainer.train(resume_from_checkpoint=str(last) if last else None)
     seconds = time.time() - started
 
+    save_model_entry(trainer, tokenizer, ctx, lora=bool(config.lora), checkpoints=checkpoints)
     if ctx.is_main:
-        save_model_entry(trainer.model, tokenizer, ctx, lora=bool(config.lora), checkpoints=checkpoints)
         if "ref_chosen_logps" in trainer.train_dataset.column_names:
             # Kept so the reference side of every pair can be audited against the reference model.
             ref = trainer.train_dataset.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).to_list()

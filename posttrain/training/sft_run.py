@@ -83,19 +83,33 @@ def device_defaults(training: dict[str, Any], has_eval: bool) -> dict[str, Any]:
     return training
 
 
-def save_model_entry(model, tokenizer, ctx: StageContext, lora: bool, checkpoints) -> Any:
-    """Write a trained model as a plain HF folder (LoRA merged; adapter kept in adapter/). Returns the model saved."""
+def save_model_entry(trainer, tokenizer, ctx: StageContext, lora: bool, checkpoints) -> Any:
+    """Write the trained model as a plain HF folder (LoRA merged; adapter kept in adapter/).
+
+    Under a multi-process launch every rank takes part (FSDP and ZeRO-3 gather the full state dict
+    collectively) and the Trainer writes on rank 0 only. Returns the saved model.
+    """
     from posttrain.tokenizer_setup import write_generation_config
 
+    model = trainer.model
     if lora:
+        if ctx.world_size > 1:
+            raise UserError("LoRA with a multi-process launch is not supported yet: run LoRA stages in one process")
         model.save_pretrained(ctx.out_dir / "adapter")
         model = model.merge_and_unload()
-    model.save_pretrained(ctx.out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(ctx.out_dir)
-    write_generation_config(ctx.out_dir, tokenizer)
-    runs = checkpoints / "runs"
-    if runs.is_dir():
-        shutil.copytree(runs, ctx.out_dir / "tensorboard", dirs_exist_ok=True)
+        model.save_pretrained(ctx.out_dir, safe_serialization=True)
+    elif ctx.world_size > 1:
+        trainer.save_model(str(ctx.out_dir))
+    else:
+        model.save_pretrained(ctx.out_dir, safe_serialization=True)
+    if ctx.is_main:
+        tokenizer.save_pretrained(ctx.out_dir)
+        write_generation_config(ctx.out_dir, tokenizer)
+        for leftover in ("training_args.bin",):  # a pickle the Trainer writes: never in the registry
+            (ctx.out_dir / leftover).unlink(missing_ok=True)
+        runs = checkpoints / "runs"
+        if runs.is_dir():
+            shutil.copytree(runs, ctx.out_dir / "tensorboard", dirs_exist_ok=True)
     return model
 
 
@@ -137,9 +151,7 @@ def run_sft(config, ctx: StageContext) -> dict[str, Any]:
     output = trainer.train(resume_from_checkpoint=str(last) if last else None)
     seconds = time.time() - started
 
-    trained = trainer.model
-    if ctx.is_main:
-        trained = save_model_entry(trained, tokenizer, ctx, lora=bool(config.lora), checkpoints=checkpoints)
+    trained = save_model_entry(trainer, tokenizer, ctx, lora=bool(config.lora), checkpoints=checkpoints)
 
     history = trainer.state.log_history
     lengths = [len(ids) for ids in train["input_ids"]]
