@@ -93,9 +93,18 @@ def cmd_run(args) -> int:
     except KeyboardInterrupt:
         print(f"\nposttrain: interrupted; work so far is kept. Resume with: {loaded.command()}", file=sys.stderr)
         return 130
-    if result.registry and (not result.ran or True):
-        print(f"{len(result.ran)} ran, {len(result.cached)} cached in {time.time() - started:.1f}s; "
-              f"refs under {loaded.ref_namespace}/ in {result.registry.root}")
+    print(f"{len(result.ran)} ran, {len(result.cached)} cached in {time.time() - started:.1f}s; "
+          f"refs under {loaded.ref_namespace}/ in {result.registry.root}")
+    if loaded.recipe.gates:
+        from posttrain.gates import check_gates
+
+        results = check_gates(loaded.recipe.gates, result.entries)
+        for gate in results:
+            print(f"gate {'PASS' if gate.passed else 'FAIL'}  {gate.name}: {gate.detail}")
+        failed = [g.name for g in results if not g.passed]
+        if failed:
+            print(f"posttrain: {len(failed)} quality gate(s) failed: {', '.join(failed)}", file=sys.stderr)
+            return 3
     return 0
 
 

@@ -26,9 +26,11 @@ class Report:
 
 def build(title: str, entries: dict[str, Entry]) -> Report:
     report = Report(title, entries)
-    for entry in entries.values():
+    evals = [name for name, entry in entries.items() if entry.kind == "eval"]
+    for stage, entry in entries.items():
         if entry.kind != "eval":
             continue
+        prefix = f"{stage}: " if len(evals) > 1 else ""  # several eval stages may share metric names
         results = entry.manifest.get("metrics", {}).get("results", {})
         order = entry.manifest.get("config", {}).get("models") or sorted(results)  # the recipe's order
         for model in order:
@@ -36,7 +38,7 @@ def build(title: str, entries: dict[str, Entry]) -> Report:
             if model not in report.columns:
                 report.columns.append(model)
             for metric, value in metrics.items():
-                report.rows.setdefault(metric, {})[model] = value
+                report.rows.setdefault(prefix + metric, {})[model] = value
     return report
 
 

@@ -13,12 +13,15 @@ DATA = Path(__file__).resolve().parent.parent / "data"
 WORDS = ["cat", "dog", "bird", "fish", "tree", "sky", "sea", "sun", "red", "blue", "green", "one", "two"]
 
 
-def chat_rows(seed: int, count: int) -> list[dict]:
+def chat_rows(seed: int, count: int, skill: str = "both") -> list[dict]:
     """Two learnable skills: adding small numbers and reversing a word."""
     rng = random.Random(seed)
     rows = []
     for _ in range(count):
-        if rng.random() < 0.5:
+        pick_add = rng.random() < 0.5
+        if skill != "both":
+            pick_add = skill == "add"
+        if pick_add:
             a, b = rng.randint(0, 20), rng.randint(0, 20)
             rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
                                       {"role": "assistant", "content": f"{a + b}"}]})
@@ -50,6 +53,12 @@ def main() -> None:
             for row in chat_rows(seed, count):
                 fh.write(json.dumps(row) + "\n")
         print(f"wrote {out / name} ({count} rows)")
+    for skill in ("add", "reverse"):
+        for name, seed, count in ((f"tiny_{skill}_train.jsonl", 10, 256), (f"tiny_{skill}_heldout.jsonl", 11, 32)):
+            with open(out / name, "w") as fh:
+                for row in chat_rows(seed, count, skill):
+                    fh.write(json.dumps(row) + "\n")
+            print(f"wrote {out / name} ({count} rows)")
     out = DATA / "dpo"
     out.mkdir(parents=True, exist_ok=True)
     for name, seed, count in (("tiny_prefs_train.jsonl", 3, 128), ("tiny_prefs_heldout.jsonl", 4, 32)):

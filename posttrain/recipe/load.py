@@ -127,6 +127,13 @@ def load_recipe_text(text: str, path: Path, profile: str | None = None, override
     order: list[str] = []
     if stages is not None:
         order = _check_graph(stages, report)
+        if recipe is not None:
+            from posttrain.gates import gate_stages
+
+            for i, gate in enumerate(recipe.gates):
+                for name in gate_stages(gate):
+                    if name not in stages:
+                        report(("gates", i), f"gate {gate.name!r} reads stage {name!r}, which is not in the recipe")
     if problems:
         raise RecipeError(sorted(problems, key=lambda p: (p.file != shown, p.line or 0)))
     assert recipe is not None

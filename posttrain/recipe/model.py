@@ -44,6 +44,34 @@ class ModelSpec(StrictModel):
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Only when you trust it.")
 
 
+class Gate(StrictModel):
+    """A quality gate checked after a run: `metric` must be below/above a number or another metric.
+
+    Metric paths: `<stage>/<metric>` for a stage's metrics (the last value of a series), and
+    `<eval stage>/<model>/<metric>` for eval results, e.g. `eval/sft/heldout/loss`.
+    """
+
+    name: str
+    metric: str
+    below: float | str | None = None
+    above: float | str | None = None
+    margin: float = Field(0.0, description="Required distance beyond the bound.")
+
+    @field_validator("above")
+    @classmethod
+    def _one_bound(cls, value, info):
+        if (value is None) == (info.data.get("below") is None):
+            raise ValueError("give exactly one of `below` or `above`")
+        return value
+
+
+class Launch(StrictModel):
+    """How the recipe is meant to run on its cluster (used by `plan` and `run --launcher`)."""
+
+    num_processes: int = Field(1, gt=0, description="Processes (GPUs) per run; memory estimates divide by it.")
+    accelerate_config: str | None = Field(None, description="accelerate config (relative to the recipe).")
+
+
 class Recipe(StrictModel):
     """A whole recipe after profiles and overrides are applied."""
 
@@ -62,6 +90,8 @@ class Recipe(StrictModel):
     profiles: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Named partial recipes deep-merged over this one (--profile NAME)."
     )
+    gates: list[Gate] = Field(default_factory=list, description="Quality gates checked after `run`.")
+    launch: Launch = Field(default_factory=Launch)
 
     @field_validator("name")
     @classmethod

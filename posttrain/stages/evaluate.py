@@ -32,7 +32,11 @@ class EvalConfig(StageConfig):
     apply_chat_template: bool | Literal["auto"] = Field(
         "auto", description="auto: for post-trained models, not for `kind: model` entries (base models).")
     perplexity: DataConfig | None = Field(None, description="Held-out loss / perplexity on assistant tokens.")
+    kl_to: str | None = Field(None, description="A teacher stage/model: mean KL(teacher || model) on the "
+                                                "perplexity data's assistant tokens.")
     exact_match: ExactMatch | None = None
+    preference: DataConfig | None = Field(None, description="Held-out preference pairs: how often the model "
+                                                            "gives chosen a higher log-probability than rejected.")
 
 
 class EvalStage(Stage):
@@ -42,7 +46,10 @@ class EvalStage(Stage):
     produces = "eval"
 
     def inputs(self, config: EvalConfig) -> dict[str, str]:
-        return {f"models.{i}": name for i, name in enumerate(config.models)}
+        refs = {f"models.{i}": name for i, name in enumerate(config.models)}
+        if config.kl_to:
+            refs["kl_to"] = config.kl_to
+        return refs
 
     def local_files(self, config: EvalConfig) -> dict[str, str]:
         files = {f"task_dirs.{i}": d for i, d in enumerate(config.task_dirs)}
@@ -50,11 +57,15 @@ class EvalStage(Stage):
             files.update({f"perplexity.{k[5:]}": v for k, v in local_data_files(config.perplexity).items()})
         if config.exact_match:
             files.update({f"exact_match.{k}": v for k, v in local_data_files(config.exact_match.data).items()})
+        if config.preference:
+            files.update({f"preference.{k[5:]}": v for k, v in local_data_files(config.preference).items()})
         return files
 
     def validate(self, config: EvalConfig, recipe_dir: Path) -> list[tuple[str, str]]:
-        if not (config.tasks or config.perplexity or config.exact_match):
-            return [("tasks", "nothing to evaluate: give tasks, perplexity or exact_match")]
+        if not (config.tasks or config.perplexity or config.exact_match or config.preference):
+            return [("tasks", "nothing to evaluate: give tasks, perplexity, exact_match or preference")]
+        if config.kl_to and not config.perplexity:
+            return [("kl_to", "kl_to is measured on the perplexity data: give perplexity too")]
         return []
 
     def run(self, config: EvalConfig, ctx: StageContext) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """In-stage checkpoints: which one a resumed run may trust."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -11,11 +12,18 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
     """The newest `checkpoint-N` that finished writing.
 
     The Trainer writes `trainer_state.json` after the weights, optimizer, scheduler and RNG states, so a
-    checkpoint without it was cut short by a kill and must not be resumed from (transformers'
-    get_last_checkpoint would pick it anyway).
+    checkpoint without it, or with it only partly written, was cut short by a kill and must not be
+    resumed from (transformers' get_last_checkpoint would pick it anyway).
     """
     if not folder.is_dir():
         return None
     done = [(int(m.group(1)), p) for p in folder.iterdir()
-            if (m := _CHECKPOINT.match(p.name)) and (p / "trainer_state.json").is_file()]
+            if (m := _CHECKPOINT.match(p.name)) and _state_is_whole(p / "trainer_state.json")]
     return max(done)[1] if done else None
+
+
+def _state_is_whole(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError):
+        return False

@@ -50,7 +50,7 @@ def run_eval(config, ctx: StageContext) -> dict[str, Any]:
         chat = config.apply_chat_template if config.apply_chat_template != "auto" else entry.kind != "model"
         if config.tasks:
             model_results.update(_lm_eval(entry.path, config, include, bool(chat), ctx.seed))
-        if config.perplexity or config.exact_match:
+        if config.perplexity or config.exact_match or config.preference:
             model_results.update(_builtin(entry.path, config, ctx))
         results[name] = model_results
         ctx.log.info("eval %s: %s", name, json.dumps(model_results))
@@ -94,24 +94,46 @@ def _builtin(path: Path, config, ctx: StageContext) -> dict[str, Any]:
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    teacher = None
+    if config.kl_to:
+        teacher = AutoModelForCausalLM.from_pretrained(ctx.inputs["kl_to"].path, dtype="auto").eval()
     found: dict[str, Any] = {}
     if config.perplexity:
         rows, _ = load_conversations(config.perplexity, ctx.recipe_dir, ctx.seed)
-        total, count, per_row = 0.0, 0, []
+        total, count, per_row, kl_total = 0.0, 0, [], 0.0
         for row in rows:
             ids, labels, _ = tokenize_row(tokenizer, row, config.perplexity.max_length, "messages" in row)
             with torch.no_grad():
                 logits = model(torch.tensor([ids])).logits[0, :-1].float()
+                if teacher is not None:
+                    teacher_logp = torch.log_softmax(teacher(torch.tensor([ids])).logits[0, :-1].float(), -1)
             targets = torch.tensor(labels[1:])
             keep = targets != IGNORE
             losses = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none")
             total += float(losses.sum())
             count += int(keep.sum())
             per_row.append(float(losses.mean()))
+            if teacher is not None:
+                student_logp = torch.log_softmax(logits, -1)
+                kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+                kl_total += float(kl[keep].sum())
         loss = total / max(count, 1)
         stderr = (torch.tensor(per_row).std().item() / math.sqrt(len(per_row))) if len(per_row) > 1 else None
         found["heldout/loss"] = {"value": loss, "stderr": stderr}
         found["heldout/perplexity"] = {"value": math.exp(loss), "stderr": None}
+        if teacher is not None:
+            found["heldout/kl_to_teacher"] = {"value": kl_total / max(count, 1), "stderr": None}
+    if config.preference:
+        from posttrain.data.sources import load_preferences
+
+        pairs, _ = load_preferences(config.preference, ctx.recipe_dir, ctx.seed)
+        margins = [_logp(model, tokenizer, p["prompt"], p["chosen"]) - _logp(model, tokenizer, p["prompt"], p["rejected"])
+                   for p in pairs]
+        wins = [float(m > 0) for m in margins]
+        accuracy = sum(wins) / len(wins)
+        found["preference/accuracy"] = {"value": accuracy,
+                                        "stderr": math.sqrt(accuracy * (1 - accuracy) / len(wins)) if len(wins) > 1 else None}
+        found["preference/margin"] = {"value": sum(margins) / len(margins), "stderr": None}
     if config.exact_match:
         rows, _ = load_conversations(config.exact_match.data, ctx.recipe_dir, ctx.seed)
         hits = []
@@ -127,3 +149,16 @@ def _builtin(path: Path, config, ctx: StageContext) -> dict[str, Any]:
         found["generation/exact_match"] = {"value": mean,
                                            "stderr": math.sqrt(mean * (1 - mean) / len(hits)) if len(hits) > 1 else None}
     return found
+
+
+def _logp(model, tokenizer, prompt: list[dict], completion: list[dict]) -> float:
+    """log p(completion | prompt) under `model`, summed over the completion's tokens."""
+    import torch
+
+    prompt_ids = chat_token_ids(tokenizer, prompt, add_generation_prompt=True)
+    full = chat_token_ids(tokenizer, prompt + completion)
+    ids = torch.tensor([full])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    token_logps = logps.gather(1, ids[0, 1:, None])[:, 0]
+    return float(token_logps[len(prompt_ids) - 1:].sum())
