@@ -213,7 +213,7 @@ def test_killed_dpo_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypat
     proc.wait()
 
     resumed = posttrain.run(recipe)
-    assert resumed.ran == ["dpo"] and resumed.metrics("dpo")["resumed_from_step"] in (4, 8)
+    assert resumed.ran == ["dpo"] and resumed.metrics("dpo")["resumed_from_step"] in (4, 8)  # 8, or 4 if checkpoint-8 was cut short
     ref_margin = reference.metrics("dpo")["rewards_margins"][-1]["value"]
     assert resumed.metrics("dpo")["rewards_margins"][-1]["value"] == pytest.approx(ref_margin, rel=1e-4, abs=1e-5)
     a = load_file(reference.path("dpo") / "model.safetensors")

@@ -139,8 +139,8 @@ def test_killed_sft_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypat
 
     resumed = posttrain.run(recipe)
     assert resumed.ran == ["sft"]
-    # 12, or 6 when the kill landed while checkpoint-12 was being written (then it is skipped)
-    assert resumed.metrics("sft")["resumed_from_step"] in (6, 12)
+    # 12 usually; 6 if the kill landed while checkpoint-12 was being written; 18 under heavy load
+    assert resumed.metrics("sft")["resumed_from_step"] in (6, 12, 18)
     ref_losses = [p["loss"] for p in reference.metrics("sft")["loss"]]
     got_losses = [p["loss"] for p in resumed.metrics("sft")["loss"]]
     assert got_losses[-1] == pytest.approx(ref_losses[-1], rel=1e-4, abs=1e-5)
