@@ -47,6 +47,11 @@ def cmd_plan(args) -> int:
         print(f"  {item.name:<{width}}  {item.kind:<14} {item.status:<7} {short(item.key)}  <- {inputs:<20} {item.reason}")
     todo = sum(i.status != "cached" for i in items)
     print(f"{todo} of {len(items)} stages would run")
+    launch = loaded.recipe.launch
+    print(f"memory estimates ({launch.num_processes} process{'es' if launch.num_processes > 1 else ''}"
+          f"{', ' + launch.accelerate_config if launch.accelerate_config else ''}):")
+    for item in items:
+        print(f"  {item.name:<{width}}  {item.memory}")
     return 0
 
 

@@ -41,6 +41,35 @@ class PlanItem:
     key: str
     status: str  # cached | run | resume | rebuild
     reason: str
+    memory: str = "-"
+
+
+def source_model(loaded: LoadedRecipe, name: str) -> str | None:
+    """The hub id or folder a stage's architecture comes from (following its first model input)."""
+    seen = set()
+    while name not in seen:
+        seen.add(name)
+        item = loaded.stages[name]
+        if item.kind == "model":
+            return item.config.model
+        refs = list(item.inputs.values())
+        if not refs:
+            return None
+        name = refs[0]
+    return None
+
+
+def memory_estimates(loaded: LoadedRecipe) -> dict[str, str]:
+    from posttrain.memory import architecture_of, estimate
+
+    found = {}
+    for name in loaded.order:
+        item = loaded.stages[name]
+        model = source_model(loaded, name)
+        arch = architecture_of(model, loaded.dir) if model else None
+        found[name] = estimate(item.kind, item.config, arch, loaded.recipe.launch.num_processes) if arch else \
+            "unknown architecture (no config.json offline)"
+    return found
 
 
 @dataclass
@@ -71,6 +100,7 @@ def plan(loaded: LoadedRecipe, registry: Registry) -> list[PlanItem]:
     """What `run` would do for each stage, and why, without running or writing anything."""
     keys = compute_keys(loaded, FingerprintCache(registry.root / "cache" / "fingerprints.json"))
     names = {k.key: n for n, k in keys.items()}
+    memory = memory_estimates(loaded)
     items = []
     for name in loaded.order:
         key = keys[name]
@@ -88,6 +118,8 @@ def plan(loaded: LoadedRecipe, registry: Registry) -> list[PlanItem]:
             items.append(PlanItem(name, kind, key.key, "resume", "an interrupted run left its work folder"))
             continue
         items.append(PlanItem(name, kind, key.key, "run", _why_new(loaded, registry, name, key, names)))
+    for item in items:
+        item.memory = memory.get(item.name, "-")
     return items
 
 

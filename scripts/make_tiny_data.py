@@ -45,6 +45,31 @@ def preference_rows(seed: int, count: int) -> list[dict]:
     return rows
 
 
+def arcee_layout_logits(rows: list[dict], k: int = 8) -> list[dict]:
+    """Top-k raw logits of the tiny model in the arcee-ai/LLama-405B-Logits layout (input_ids,
+    attention_mask, token_ids, top_values), so the flagship recipe's tiny profile runs its distill
+    stage on the same kind of data as the real one. (The tiny model is no real teacher: the
+    distillation quality gate lives in recipes/ci/, with a trained teacher.)"""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.chat_templates import resolve_chat_template
+
+    model_dir = DATA / "tiny-llama"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = resolve_chat_template("llama-3.1", DATA).text
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    for row in rows:
+        ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        values, top = logits.topk(k, dim=-1)
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "token_ids": top.tolist(),
+                    "top_values": [[round(v, 3) for v in position] for position in values.tolist()]})
+    return out
+
+
 def main() -> None:
     out = DATA / "sft"
     out.mkdir(parents=True, exist_ok=True)
@@ -59,6 +84,12 @@ def main() -> None:
                 for row in chat_rows(seed, count, skill):
                     fh.write(json.dumps(row) + "\n")
             print(f"wrote {out / name} ({count} rows)")
+    out = DATA / "distill"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "tiny_teacher_logits.jsonl", "w") as fh:
+        for row in arcee_layout_logits(chat_rows(1, 48)):
+            fh.write(json.dumps(row) + "\n")
+    print(f"wrote {out / 'tiny_teacher_logits.jsonl'} (48 rows, arcee-ai layout)")
     out = DATA / "dpo"
     out.mkdir(parents=True, exist_ok=True)
     for name, seed, count in (("tiny_prefs_train.jsonl", 3, 128), ("tiny_prefs_heldout.jsonl", 4, 32)):

@@ -12,9 +12,22 @@ RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").rglob("*.y
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipe_validates(path):
-    loaded = load_recipe(path)
+    loaded = load_recipe(path, deep=True)
     for profile in loaded.recipe.profiles:
-        load_recipe(path, profile=profile)
+        load_recipe(path, profile=profile, deep=True)
+
+
+def test_flagship_plan_works_offline_with_memory_estimates(registry_dir):
+    from conftest import cli
+
+    result = cli("plan", str(RECIPES[[p.name for p in RECIPES].index("intellect1_instruct.yaml")]))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for stage in ("base", "sft", "dpo", "distill", "merged", "eval"):
+        assert any(line.strip().startswith(stage + " ") for line in out.splitlines()), stage
+    assert "memory estimates (8 processes" in out
+    assert "10.2B params, sharded over 8" in out
+    assert not registry_dir.exists() or not any(registry_dir.glob("entries/*"))  # nothing downloaded or built
 
 
 def test_quickstart_runs_base_sft_dpo(tmp_path):
