@@ -55,8 +55,17 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def launch_command(args) -> list[str]:
-    """The same `posttrain run`, started once per process by torchrun or accelerate."""
+def launch_command(args, launch=None, recipe_dir: Path | None = None) -> list[str]:
+    """The same `posttrain run`, started once per process by torchrun or accelerate.
+
+    Unset process counts and accelerate config come from the recipe's `launch:` section.
+    """
+    if launch is not None:
+        if not args.nproc and launch.num_processes > 1:
+            args.nproc = launch.num_processes
+        if args.launcher == "accelerate" and not args.accelerate_config and launch.accelerate_config:
+            config = Path(launch.accelerate_config)
+            args.accelerate_config = str(config if config.is_absolute() else (recipe_dir or Path(".")) / config)
     inner = ["-m", "posttrain.cli", "run", args.recipe_file, *args.overrides]
     if args.profile:
         inner += ["--profile", args.profile]
@@ -82,7 +91,7 @@ def cmd_run(args) -> int:
     if getattr(args, "launcher", None):
         import subprocess
 
-        command = launch_command(args)
+        command = launch_command(args, loaded.recipe.launch, loaded.dir)
         print("launching:", " ".join(command))
         return subprocess.call(command)
     if rank_info()[0] != 0:  # one process speaks for all

@@ -36,3 +36,32 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, registry_d
     assert cli("verify", "--registry", str(registry_dir)).returncode == 0
     assert not any((registry_dir / "work").iterdir())  # followers' scratch went with the commit
     assert not list(registry_dir.glob("entries/*/training_args.bin"))
+
+
+def test_launch_commands_take_the_recipes_launch_settings(tmp_path):
+    import argparse
+    from pathlib import Path
+
+    import pytest
+
+    from posttrain.cli import launch_command
+    from posttrain.errors import UserError
+    from posttrain.recipe import load_recipe
+
+    flagship = ROOT / "recipes" / "intellect1_instruct.yaml"
+    launch = load_recipe(flagship).recipe.launch
+
+    def args(**kw):
+        base = {"recipe_file": str(flagship), "overrides": ["seed=1"], "profile": None, "registry": None,
+                "launcher": "accelerate", "nproc": None, "accelerate_config": None}
+        return argparse.Namespace(**{**base, **kw})
+
+    command = launch_command(args(), launch, flagship.parent)
+    config = command[command.index("--config_file") + 1]
+    assert Path(config).resolve() == (ROOT / "configs" / "accelerate" / "fsdp.yaml").resolve()
+    assert command[command.index("--num_processes") + 1] == "8"
+    assert command[command.index("posttrain.cli") + 1:] == ["run", str(flagship), "seed=1"]
+    torchrun = launch_command(args(launcher="torchrun", nproc=2), launch, flagship.parent)
+    assert torchrun[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    with pytest.raises(UserError, match="accelerate config not found"):
+        launch_command(args(accelerate_config=str(tmp_path / "nope.yaml")))
