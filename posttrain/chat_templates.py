@@ -56,3 +56,14 @@ def guess_end_of_turn(text: str) -> str | None:
         if token in text:
             return token
     return None
+
+
+def template_problems(value: str | None, recipe_dir: Path, key: str = "chat_template") -> list[tuple[str, str]]:
+    """Validation problems of a recipe's `chat_template:` value, as (dotted key, message)."""
+    if not value:
+        return []
+    try:
+        resolve_chat_template(value, recipe_dir)
+    except UserError as exc:
+        return [(key, str(exc))]
+    return []

@@ -66,14 +66,9 @@ class ModelStage(Stage):
                 lacking = [m for m in missing_parts(folder) if m.startswith("tokenizer")]
             if lacking:
                 problems.append((field, f"{folder} is not a usable model folder; missing: " + "; ".join(lacking)))
-        if config.chat_template:
-            from posttrain.chat_templates import resolve_chat_template
+        from posttrain.chat_templates import template_problems
 
-            try:
-                resolve_chat_template(config.chat_template, recipe_dir)
-            except UserError as exc:
-                problems.append(("chat_template", str(exc)))
-        return problems
+        return problems + template_problems(config.chat_template, recipe_dir)
 
     def run(self, config: ModelConfig, ctx: StageContext) -> dict[str, Any]:
         info: dict[str, Any] = {"model": config.model}

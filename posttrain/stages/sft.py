@@ -55,16 +55,9 @@ class SFTStage(Stage):
         return local_data_files(config.data)
 
     def validate(self, config: SFTStageConfig, recipe_dir: Path) -> list[tuple[str, str]]:
-        problems = check_training_keys(config.training)
-        if config.chat_template:
-            from posttrain.chat_templates import resolve_chat_template
-            from posttrain.errors import UserError
+        from posttrain.chat_templates import template_problems
 
-            try:
-                resolve_chat_template(config.chat_template, recipe_dir)
-            except UserError as exc:
-                problems.append(("chat_template", str(exc)))
-        return problems
+        return check_training_keys(config.training) + template_problems(config.chat_template, recipe_dir)
 
     def run(self, config: SFTStageConfig, ctx: StageContext) -> dict[str, Any]:
         from posttrain.training.sft_run import run_sft

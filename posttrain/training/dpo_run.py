@@ -5,10 +5,11 @@ import json
 import time
 from typing import Any
 
-from posttrain.data.sources import load_eval_rows, load_preferences
+from posttrain.data.sources import load_preferences
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
 from posttrain.training.checkpoints import last_complete_checkpoint
+from posttrain.training.splits import train_and_eval
 from posttrain.training.sft_run import device_defaults, load_chat_tokenizer, save_model_entry
 from posttrain.training.tokenize import chat_token_ids
 
@@ -16,8 +17,6 @@ REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards
 
 
 def build_preference_datasets(config, tokenizer, ctx: StageContext):
-    import datasets
-
     if not tokenizer.chat_template:
         raise UserError("the model's tokenizer has no chat template; set base.chat_template (e.g. llama-3.1) "
                         "or the stage's chat_template")
@@ -26,15 +25,8 @@ def build_preference_datasets(config, tokenizer, ctx: StageContext):
     if not kept:
         raise UserError("no preference pairs left after dropping over-long rows (raise data.max_length)")
     stats.update(truncated_samples=counts["truncated"], dropped_samples=counts["dropped"])
-    dataset = datasets.Dataset.from_list(kept)
-    evaluation = None
-    eval_rows = load_eval_rows(config.data, ctx.recipe_dir, ctx.seed, load_preferences)
-    if eval_rows is not None:
-        evaluation = datasets.Dataset.from_list(_filter_overlong(eval_rows, config, tokenizer)[0])
-    elif config.data.test_size:
-        size = config.data.test_size
-        split = dataset.train_test_split(test_size=size if size < 1 else int(size), seed=ctx.seed)
-        dataset, evaluation = split["train"], split["test"]
+    dataset, evaluation = train_and_eval(kept, config.data, ctx, load_preferences,
+                                         lambda rows: _filter_overlong(rows, config, tokenizer)[0])
     stats["train_pairs"] = len(dataset)
     stats["eval_pairs"] = len(evaluation) if evaluation is not None else 0
     return dataset, evaluation, stats

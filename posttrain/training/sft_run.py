@@ -5,31 +5,23 @@ import shutil
 import time
 from typing import Any
 
-from posttrain.data.sources import load_conversations, load_eval_rows
+from posttrain.data.sources import load_conversations
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
 from posttrain.training.checkpoints import last_complete_checkpoint
+from posttrain.training.splits import train_and_eval
 from posttrain.training.tokenize import IGNORE, tokenize_row
 
 
 def build_dataset(config, tokenizer, ctx: StageContext):
     """Tokenised train (and eval) datasets plus data metrics."""
-    import datasets
-
     rows, stats = load_conversations(config.data, ctx.recipe_dir, ctx.seed)
     records, counts = _tokenize(rows, config, tokenizer)
     if not records:
         raise UserError("no training samples left after dropping over-long rows (raise data.max_length)")
     stats.update(truncated_samples=counts["truncated"], dropped_samples=counts["dropped"])
-    dataset = datasets.Dataset.from_list(records)
-    eval_dataset = None
-    eval_rows = load_eval_rows(config.data, ctx.recipe_dir, ctx.seed, load_conversations)
-    if eval_rows is not None:
-        eval_dataset = datasets.Dataset.from_list(_tokenize(eval_rows, config, tokenizer)[0])
-    elif config.data.test_size:
-        size = config.data.test_size
-        split = dataset.train_test_split(test_size=size if size < 1 else int(size), seed=ctx.seed)
-        dataset, eval_dataset = split["train"], split["test"]
+    dataset, eval_dataset = train_and_eval(records, config.data, ctx, load_conversations,
+                                           lambda rows: _tokenize(rows, config, tokenizer)[0])
     stats["train_samples"] = len(dataset)
     stats["eval_samples"] = len(eval_dataset) if eval_dataset is not None else 0
     return dataset, eval_dataset, stats
