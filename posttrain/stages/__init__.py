@@ -43,9 +43,9 @@ def get_stage(kind: str) -> Stage:
     module_name, _, attr = target.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+        stage = cls()
+    except (ImportError, AttributeError, TypeError) as exc:  # TypeError: an abstract method left out
         raise UserError(f"stage kind {kind!r} could not be loaded from {target!r}: {exc}") from exc
-    stage = cls()
     if getattr(stage, "kind", None) != kind:
         raise UserError(f"stage kind {kind!r} at {target!r} declares kind {getattr(stage, 'kind', None)!r}")
     return stage

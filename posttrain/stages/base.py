@@ -8,6 +8,7 @@ recipe stays fast.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -59,7 +60,7 @@ class StageContext:
         return p if p.is_absolute() else (self.recipe_dir / p)
 
 
-class Stage:
+class Stage(ABC):
     """Base class for stage kinds. Subclasses set the class attributes and implement `run`."""
 
     kind: ClassVar[str]
@@ -86,6 +87,6 @@ class Stage:
         and at the start of the stage, but not by `plan`/`run`'s fast path."""
         return []
 
+    @abstractmethod
     def run(self, config: StageConfig, ctx: StageContext) -> dict[str, Any]:
         """Do the work, write the result into `ctx.out_dir`, and return metrics for the manifest."""
-        raise NotImplementedError  # abstract: every registered kind overrides it
