@@ -239,12 +239,9 @@ def cmd_report(args) -> int:
             top = registry.load(key)
         except (KeyError, CorruptEntry) as exc:
             raise UserError(f"cannot report on {target}: {exc}") from None
-        entries = {}
-        for k in sorted(registry.lineage(key), key=lambda k: registry.get(k).manifest["timings"]["finished"]
-                        if registry.get(k) else 0):
-            entry = registry.get(k)
-            if entry:
-                entries[entry.manifest.get("stage", k[:12])] = entry
+        found = [e for e in map(registry.get, registry.lineage(key)) if e is not None]
+        found.sort(key=lambda e: e.manifest.get("timings", {}).get("finished", 0))  # build order
+        entries = {e.manifest.get("stage", e.key[:12]): e for e in found}
         title = top.manifest.get("ref", target)
     if not entries:
         raise UserError(f"nothing to report for {target}: no built entries")

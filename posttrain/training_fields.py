@@ -25,7 +25,9 @@ def _dataclass_fields(package: str, relative: str, class_name: str) -> set[str]:
 
 
 @lru_cache(maxsize=None)
-def trainer_fields(trl_config: tuple[str, str] = ("trainer/sft_config.py", "SFTConfig")) -> frozenset[str]:
+def trainer_fields(trl_config: tuple[str, str] | None = ("trainer/sft_config.py", "SFTConfig")) -> frozenset[str]:
+    """TrainingArguments fields, plus those of a trl config (file, class) when one is given."""
     fields = _dataclass_fields("transformers", "training_args.py", "TrainingArguments")
-    fields |= _dataclass_fields("trl", *trl_config)
+    if trl_config:
+        fields |= _dataclass_fields("trl", *trl_config)
     return frozenset(fields)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from posttrain.errors import Problem, RecipeError, UserError
 from posttrain.recipe.merge import COMMAND_LINE, deep_merge, leaf_paths, parse_overrides
-from posttrain.recipe.model import RESERVED_NAMES, ModelSpec, Recipe
+from posttrain.recipe.model import RESERVED_NAMES, Recipe
 from posttrain.recipe.yaml_lines import load_yaml_with_lines
 from posttrain.stages import Stage, StageConfig, get_stage, known_kinds
 

@@ -78,7 +78,7 @@ class Stage(ABC):
         """Map dotted config paths to local files/folders this stage reads (checked, fingerprinted)."""
         return {}
 
-    def validate(self, config: StageConfig, ctx_recipe_dir: Path) -> list[tuple[str, str]]:
+    def validate(self, config: StageConfig, recipe_dir: Path) -> list[tuple[str, str]]:
         """Extra checks that need more than the config model: (dotted path, message) pairs."""
         return []
 

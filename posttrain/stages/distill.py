@@ -87,7 +87,7 @@ class DistillStage(Stage):
         return {}
 
     def validate(self, config: DistillConfig, recipe_dir: Path) -> list[tuple[str, str]]:
-        return check_training_keys(config.training, ("trainer/sft_config.py", "__none__"))
+        return check_training_keys(config.training, trl_config=None)  # a plain transformers Trainer
 
     def run(self, config: DistillConfig, ctx: StageContext) -> dict[str, Any]:
         from posttrain.training.distill_run import run_distill

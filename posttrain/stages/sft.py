@@ -65,7 +65,9 @@ class SFTStage(Stage):
         return run_sft(config, ctx)
 
 
-def check_training_keys(training: dict[str, Any], trl_config=("trainer/sft_config.py", "SFTConfig")) -> list[tuple[str, str]]:
+def check_training_keys(training: dict[str, Any], trl_config: tuple[str, str] | None = ("trainer/sft_config.py", "SFTConfig")
+                        ) -> list[tuple[str, str]]:
+    """`training:` keys must be fields of TrainingArguments (and of the trl config, if the stage uses one)."""
     from posttrain.training_fields import trainer_fields
 
     known = trainer_fields(trl_config)

@@ -15,7 +15,6 @@ from posttrain.training.sft_run import device_defaults, load_chat_tokenizer, sav
 
 
 def _trainer_class():
-    import torch
     from transformers import Trainer
 
     class DistillTrainer(Trainer):
@@ -55,7 +54,6 @@ def _trainer_class():
                     values.clear()
             super().log(logs, *args, **kwargs)
 
-    del torch
     return DistillTrainer
 
 
