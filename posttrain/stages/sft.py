@@ -78,7 +78,8 @@ def check_training_keys(training: dict[str, Any], trl_config: tuple[str, str] | 
         elif known and key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append((f"training.{key}", f"not a TrainingArguments/SFTConfig field{hint}"))
+            owner = f"TrainingArguments/{trl_config[1]}" if trl_config else "TrainingArguments"
+            problems.append((f"training.{key}", f"not a {owner} field{hint}"))
     return problems
 
 
