@@ -53,8 +53,10 @@ class Shard:
 
 
 def write_shard(path: Path, sequences: list[list[int]], loss_masks: list[list[int]], ids: np.ndarray,
-                logp: np.ndarray, meta: dict[str, Any]) -> None:
-    """Write one shard atomically (tmp file + rename: a killed capture never leaves a torn shard)."""
+                logp: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """Write one shard atomically (tmp file + rename: a killed capture never leaves a torn shard).
+
+    Returns the stored values as they decode, so a caller can measure the encoding error."""
     from safetensors.numpy import save_file
 
     lengths = [len(s) for s in sequences]
@@ -72,6 +74,7 @@ def write_shard(path: Path, sequences: list[list[int]], loss_masks: list[list[in
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata={key: json.dumps(value) for key, value in meta.items()})
     os.replace(tmp, path)
+    return codec.decode(tensors["topk_values"], logp.shape[-1])
 
 
 def read_shard(path: Path, expect: dict[str, Any] | None = None) -> Shard:

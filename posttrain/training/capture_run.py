@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from posttrain.data.sources import load_conversations
-from posttrain.kd.packing import ValueCodec
 from posttrain.kd.shards import read_shard, shard_meta, write_index, write_shard
 from posttrain.kd.tokenizer_check import special_token_ids, tokenizer_hash
 from posttrain.errors import UserError
@@ -73,7 +72,6 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
     )
     shard_dir = ctx.work_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    codec = ValueCodec(config.encoding)
     generator = torch.Generator(device="cpu").manual_seed(ctx.seed)
     total_tokens = sum(len(s) for s in sequences)
     index, error_sum, error_count, started, resumed = [], 0.0, 0, time.time(), 0
@@ -108,10 +106,9 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
             value_parts.append(values.cpu().numpy())
             bar.update(int(valid.sum()))
         ids_np, values_np = np.concatenate(ids_parts), np.concatenate(value_parts)
-        decoded = codec.decode(codec.encode(values_np), meta["k"])
-        error_sum += float(np.abs(decoded - values_np).sum())
+        stored = write_shard(path, sequences[group], masks[group], ids_np, values_np, meta)
+        error_sum += float(np.abs(stored - values_np).sum())
         error_count += values_np.size
-        write_shard(path, sequences[group], masks[group], ids_np, values_np, meta)
         index.append({"file": path.name, "sequences": len(sequences[group]), "tokens": group_tokens})
     bar.close()
     seconds = time.time() - started
