@@ -135,3 +135,33 @@ def estimate(kind: str, config: Any, arch: Architecture, processes: int) -> str:
     if kind == "model":
         return f"{_count(p)} params, {_bytes(2 * p)} in bf16"
     return "-"
+
+
+def source_model(loaded, name: str) -> str | None:
+    """The hub id or folder a stage's architecture comes from (following its first model input)."""
+    seen = set()
+    while name not in seen:
+        seen.add(name)
+        item = loaded.stages[name]
+        if item.kind == "model":
+            return item.config.model
+        refs = list(item.inputs.values())
+        if not refs:
+            return None
+        name = refs[0]
+    return None
+
+
+def estimates_for(loaded) -> dict[str, str]:
+    """One estimate per stage of a loaded recipe; each model's architecture is read once."""
+    architectures: dict[str, Architecture | None] = {}
+    found = {}
+    for name in loaded.order:
+        item = loaded.stages[name]
+        model = source_model(loaded, name)
+        if model is not None and model not in architectures:
+            architectures[model] = architecture_of(model, loaded.dir)
+        arch = architectures.get(model) if model else None
+        found[name] = (estimate(item.kind, item.config, arch, loaded.recipe.launch.num_processes) if arch
+                       else "unknown architecture (no config.json offline)")
+    return found

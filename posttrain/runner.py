@@ -44,34 +44,6 @@ class PlanItem:
     memory: str = "-"
 
 
-def source_model(loaded: LoadedRecipe, name: str) -> str | None:
-    """The hub id or folder a stage's architecture comes from (following its first model input)."""
-    seen = set()
-    while name not in seen:
-        seen.add(name)
-        item = loaded.stages[name]
-        if item.kind == "model":
-            return item.config.model
-        refs = list(item.inputs.values())
-        if not refs:
-            return None
-        name = refs[0]
-    return None
-
-
-def memory_estimates(loaded: LoadedRecipe) -> dict[str, str]:
-    from posttrain.memory import architecture_of, estimate
-
-    found = {}
-    for name in loaded.order:
-        item = loaded.stages[name]
-        model = source_model(loaded, name)
-        arch = architecture_of(model, loaded.dir) if model else None
-        found[name] = estimate(item.kind, item.config, arch, loaded.recipe.launch.num_processes) if arch else \
-            "unknown architecture (no config.json offline)"
-    return found
-
-
 @dataclass
 class RunResult:
     recipe: LoadedRecipe
@@ -100,7 +72,9 @@ def plan(loaded: LoadedRecipe, registry: Registry) -> list[PlanItem]:
     """What `run` would do for each stage, and why, without running or writing anything."""
     keys = compute_keys(loaded, FingerprintCache(registry.root / "cache" / "fingerprints.json"))
     names = {k.key: n for n, k in keys.items()}
-    memory = memory_estimates(loaded)
+    from posttrain.memory import estimates_for
+
+    memory = estimates_for(loaded)
     items = []
     for name in loaded.order:
         key = keys[name]
