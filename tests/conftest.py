@@ -83,3 +83,19 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def count_runs(registry: Path) -> list[str]:
     log = registry / "count-runs.log"
     return log.read_text().splitlines() if log.exists() else []
+
+
+def run_and_kill_at_checkpoint(recipe: Path, registry: Path, step: int, timeout: float = 240) -> None:
+    """Start `posttrain run` and SIGKILL it once in-stage checkpoint-<step> has been written."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    pattern = f"work/*/checkpoints/checkpoint-{step}/trainer_state.json"
+    while time.time() < deadline and not list(registry.glob(pattern)):
+        assert proc.poll() is None, "run finished before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 import posttrain
-from conftest import ROOT, TINY_MODEL, write_recipe
+from conftest import ROOT, TINY_MODEL, run_and_kill_at_checkpoint, write_recipe
 from posttrain.cli import main
 from posttrain.data.preferences import to_preference
 from posttrain.data.formats import BadRow
@@ -188,11 +188,6 @@ def test_bad_preference_rows(case, tmp_path):
 
 
 def test_killed_dpo_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from safetensors.torch import load_file
 
     reference_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
@@ -203,14 +198,7 @@ def test_killed_dpo_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypat
     registry = killed_dir / "registry"
     monkeypatch.setenv("POSTTRAIN_REGISTRY", str(registry))
     recipe = dpo_recipe(killed_dir, steps=12, save_steps=4)
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(registry.glob("work/*/checkpoints/checkpoint-8/trainer_state.json")):
-        assert proc.poll() is None, "run finished before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_and_kill_at_checkpoint(recipe, registry, step=8)
 
     resumed = posttrain.run(recipe)
     assert resumed.ran == ["dpo"] and resumed.metrics("dpo")["resumed_from_step"] in (4, 8)  # 8, or 4 if checkpoint-8 was cut short

@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 import posttrain
-from conftest import ROOT, TINY_MODEL, write_recipe
+from conftest import ROOT, TINY_MODEL, run_and_kill_at_checkpoint, write_recipe
 from posttrain.cli import main
 
 TRAIN = ROOT / "data" / "sft" / "tiny_chat_train.jsonl"
@@ -127,14 +123,7 @@ def test_killed_sft_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypat
     registry = killed_dir / "registry"
     monkeypatch.setenv("POSTTRAIN_REGISTRY", str(registry))
     recipe = sft_recipe(killed_dir, steps=24, save_steps=6)
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(registry.glob("work/*/checkpoints/checkpoint-12/trainer_state.json")):
-        assert proc.poll() is None, "run finished before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_and_kill_at_checkpoint(recipe, registry, step=12)
     assert not list(registry.glob("entries/*/adapter")) and len(list(registry.glob("entries/*"))) == 1
 
     resumed = posttrain.run(recipe)
