@@ -70,33 +70,23 @@ def arcee_layout_logits(rows: list[dict], k: int = 8) -> list[dict]:
     return out
 
 
-def main() -> None:
-    out = DATA / "sft"
-    out.mkdir(parents=True, exist_ok=True)
-    for name, seed, count in (("tiny_chat_train.jsonl", 1, 256), ("tiny_chat_heldout.jsonl", 2, 64)):
-        with open(out / name, "w") as fh:
-            for row in chat_rows(seed, count):
-                fh.write(json.dumps(row) + "\n")
-        print(f"wrote {out / name} ({count} rows)")
-    for skill in ("add", "reverse"):
-        for name, seed, count in ((f"tiny_{skill}_train.jsonl", 10, 256), (f"tiny_{skill}_heldout.jsonl", 11, 32)):
-            with open(out / name, "w") as fh:
-                for row in chat_rows(seed, count, skill):
-                    fh.write(json.dumps(row) + "\n")
-            print(f"wrote {out / name} ({count} rows)")
-    out = DATA / "distill"
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "tiny_teacher_logits.jsonl", "w") as fh:
-        for row in arcee_layout_logits(chat_rows(1, 48)):
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        for row in rows:
             fh.write(json.dumps(row) + "\n")
-    print(f"wrote {out / 'tiny_teacher_logits.jsonl'} (48 rows, arcee-ai layout)")
-    out = DATA / "dpo"
-    out.mkdir(parents=True, exist_ok=True)
-    for name, seed, count in (("tiny_prefs_train.jsonl", 3, 128), ("tiny_prefs_heldout.jsonl", 4, 32)):
-        with open(out / name, "w") as fh:
-            for row in preference_rows(seed, count):
-                fh.write(json.dumps(row) + "\n")
-        print(f"wrote {out / name} ({count} rows)")
+    print(f"wrote {path} ({len(rows)} rows)")
+
+
+def main() -> None:
+    for name, seed, count in (("tiny_chat_train", 1, 256), ("tiny_chat_heldout", 2, 64)):
+        write_jsonl(DATA / "sft" / f"{name}.jsonl", chat_rows(seed, count))
+    for skill in ("add", "reverse"):
+        for split, seed, count in (("train", 10, 256), ("heldout", 11, 32)):
+            write_jsonl(DATA / "sft" / f"tiny_{skill}_{split}.jsonl", chat_rows(seed, count, skill))
+    write_jsonl(DATA / "distill" / "tiny_teacher_logits.jsonl", arcee_layout_logits(chat_rows(1, 48)))
+    for name, seed, count in (("tiny_prefs_train", 3, 128), ("tiny_prefs_heldout", 4, 32)):
+        write_jsonl(DATA / "dpo" / f"{name}.jsonl", preference_rows(seed, count))
 
 
 if __name__ == "__main__":
