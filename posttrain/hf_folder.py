@@ -27,25 +27,56 @@ def missing_parts(folder: Path, need_tokenizer: bool = True) -> list[str]:
     return missing
 
 
-def link_or_copy_tree(src: Path, dst: Path, link_suffixes: tuple[str, ...] = (".safetensors",)) -> None:
-    """Copy a folder, hard-linking large weight files when possible to save space and time.
+WEIGHT_SUFFIXES = (".safetensors",)
 
-    Only weight files are linked: small files (configs, tokenizer) are copied, because stages rewrite
-    them and writing through a hard link would change the user's original folder.
+
+def copy_model_folder(src: Path, dst: Path, allowed_root: Path | None = None, weights: bool = True) -> None:
+    """Copy a model folder into the registry: never a hard link, so the registry and the user's folder
+    never share bytes, and never through a symbolic link that leaves `allowed_root` (default: `src`;
+    a hub snapshot passes its cache repo, whose snapshot files link to ../../blobs).
+
+    On filesystems that support it the kernel clones the data (copy_file_range reflinks on XFS/btrfs),
+    so large weights cost neither time nor space there. `weights=False` copies everything else.
     """
+    from posttrain.errors import UserError
+
+    root = (allowed_root or src).resolve()
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
-        if any(part.startswith(".") for part in rel.parts) or path.is_dir():
+        if any(part.startswith(".") for part in rel.parts):
             continue  # hub snapshot internals (.cache, .gitattributes) are not part of the model
-        if path.suffix in (".bin", ".pt", ".pth", ".pkl"):
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:  # a dangling link or a link loop
+            raise UserError(f"{path}: broken or looping symbolic link in the model folder ({exc})") from None
+        if real != root and root not in real.parents:
+            raise UserError(f"{path}: symbolic link to {real}, outside the model folder {root}; "
+                            "copy that file into the folder instead")
+        if real.is_dir() or path.suffix in (".bin", ".pt", ".pth", ".pkl"):
             continue  # pickles never enter the registry
+        if not weights and path.suffix in WEIGHT_SUFFIXES:
+            continue
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        real = path.resolve()
-        if path.suffix in link_suffixes:
-            try:
-                os.link(real, target)
-                continue
-            except OSError:
-                pass  # another filesystem, or links not supported: copy instead
-        shutil.copy2(real, target)
+        copy_file(real, target)
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy bytes (reflinked where the filesystem can), never linking."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        copied = 0
+        try:
+            while copied < size:
+                step = os.copy_file_range(fin.fileno(), fout.fileno(), size - copied)
+                if step == 0:
+                    break
+                copied += step
+        except OSError:
+            copied = -1  # not supported between these filesystems: plain copy below
+        if copied != size:
+            fin.seek(0)
+            fout.seek(0)
+            fout.truncate()
+            shutil.copyfileobj(fin, fout, 16 * 1024 * 1024)
+    shutil.copystat(src, dst)

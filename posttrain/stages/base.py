@@ -26,6 +26,15 @@ class StageConfig(StrictModel):
     seed: int | None = Field(None, description="Overrides the recipe seed for this stage.")
 
 
+class TrainsWeights(StrictModel):
+    """Fields of every stage that trains a model's weights."""
+
+    master_weights: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Dtype of the weights the optimizer updates. float32 (default) with training.bf16: "
+                               "true computes in bf16 under autocast; bfloat16 trains pure-bf16 weights, which "
+                               "lose small updates.")
+
+
 @dataclass(frozen=True)
 class InputEntry:
     """A finished registry entry a stage reads from."""

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from posttrain.recipe.model import StrictModel
-from posttrain.stages.base import Stage, StageConfig, StageContext
+from posttrain.stages.base import Stage, StageConfig, StageContext, TrainsWeights
 from posttrain.stages.sft import check_training_keys
 
 
@@ -37,7 +37,7 @@ class LogitsDataset(StrictModel):
         return self
 
 
-class DistillConfig(StageConfig):
+class DistillConfig(StageConfig, TrainsWeights):
     kind: Literal["distill"] = "distill"
     model: str = Field("base", description="The student: a stage or model.")
     teacher_logits: str | None = Field(None, description="A capture_logits stage.")

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from posttrain.data.sources import DataConfig, local_data_files
-from posttrain.stages.base import Stage, StageConfig, StageContext
+from posttrain.stages.base import Stage, StageConfig, StageContext, TrainsWeights
 from posttrain.stages.sft import LoraSettings, check_training_keys
 
 # trl 1.16's DPO loss types.
@@ -23,7 +23,7 @@ DPO_FIELDS = ("trainer/dpo_config.py", "DPOConfig")
 DPO_OWN_KEYS = {"beta", "loss_type", "loss_weights", "label_smoothing", "precompute_ref_log_probs"}
 
 
-class DPOStageConfig(StageConfig):
+class DPOStageConfig(StageConfig, TrainsWeights):
     kind: Literal["dpo"] = "dpo"
     model: str = Field("base", description="Stage or model to optimise (the policy).")
     ref_model: str | None = Field(None, description="Reference stage or model; default: the policy's input.")

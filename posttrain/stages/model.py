@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from posttrain.errors import UserError
-from posttrain.hf_folder import link_or_copy_tree, missing_parts
+from posttrain.hf_folder import copy_model_folder, missing_parts
 from posttrain.recipe.model import ModelSpec
 from posttrain.stages.base import Stage, StageConfig, StageContext
+from posttrain.training.weights import stored_dtype
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"]
@@ -76,8 +77,13 @@ class ModelStage(Stage):
         lacking = missing_parts(source, need_tokenizer=config.tokenizer is None)
         if lacking:
             raise UserError(f"{source} is not a usable model folder; missing: " + "; ".join(lacking))
+        stored = stored_dtype(source)
+        convert = config.dtype != "auto" and stored != config.dtype
+        info["dtype"] = config.dtype if config.dtype != "auto" else stored
         if ctx.is_main:
-            link_or_copy_tree(source, ctx.out_dir)
+            copy_model_folder(source, ctx.out_dir, allowed_root=_links_may_reach(source, info), weights=not convert)
+            if convert:
+                _store_weights_as(source, ctx.out_dir, config.dtype, config.trust_remote_code)
         tokenizer_source = source
         if config.tokenizer:
             tokenizer_source = self._fetch(config.tokenizer, None, ctx, {})
@@ -112,3 +118,20 @@ class ModelStage(Stage):
         if template is not None:
             info["chat_template"] = template.name
             info["eos_token"] = template.end_of_turn
+
+
+def _links_may_reach(source: Path, info: dict) -> Path:
+    """A hub snapshot's files are links into its cache repo's blobs/; a local folder's stay inside it."""
+    return source.parent.parent if info.get("source") == "hub" else source
+
+
+def _store_weights_as(source: Path, out_dir: Path, dtype: str, trust_remote_code: bool) -> None:
+    """base.dtype differs from how the folder stores its weights: convert them once, here."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=getattr(torch, dtype),
+                                                 trust_remote_code=trust_remote_code)
+    for old in out_dir.glob("*.safetensors*"):
+        old.unlink()
+    model.save_pretrained(str(out_dir), safe_serialization=True)

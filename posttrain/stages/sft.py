@@ -13,7 +13,7 @@ from pydantic import Field
 
 from posttrain.data.sources import DataConfig, local_data_files
 from posttrain.recipe.model import StrictModel
-from posttrain.stages.base import Stage, StageConfig, StageContext
+from posttrain.stages.base import Stage, StageConfig, StageContext, TrainsWeights
 
 # Set by posttrain itself: a recipe must not override these through `training:`.
 RESERVED_TRAINING_KEYS = {"output_dir", "max_length", "assistant_only_loss", "packing", "padding_free",
@@ -27,7 +27,7 @@ class LoraSettings(StrictModel):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
-class SFTStageConfig(StageConfig):
+class SFTStageConfig(StageConfig, TrainsWeights):
     kind: Literal["sft"] = "sft"
     model: str = Field("base", description="Stage or model to fine-tune.")
     data: DataConfig

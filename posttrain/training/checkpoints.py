@@ -27,3 +27,21 @@ def _state_is_whole(path: Path) -> bool:
         return isinstance(json.loads(path.read_text()), dict)
     except (OSError, ValueError):
         return False
+
+
+def no_final_checkpoint():
+    """A Trainer callback that skips the in-stage checkpoint at the last step.
+
+    The entry is saved right after training, so a checkpoint there only costs time (a full model plus
+    fp32 optimizer state: ~15 GB and ~10 s for a 1B model, 4x the training time of a 30-step smoke run on
+    an H100) and, resumed from, made the Trainer run one step past max_steps.
+    """
+    from transformers import TrainerCallback
+
+    class NoFinalCheckpoint(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_save = False
+            return control
+
+    return NoFinalCheckpoint()

@@ -9,7 +9,7 @@ from posttrain.kd.losses import distill_loss
 from posttrain.kd.tokenizer_check import check_compatible
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
-from posttrain.training.checkpoints import last_complete_checkpoint
+from posttrain.training.checkpoints import last_complete_checkpoint, no_final_checkpoint
 from posttrain.training.distill_data import LogitsDatasetSequences, PackedSequences, ShardSequences, collate
 from posttrain.training.sft_run import device_defaults, load_chat_tokenizer, save_model_entry
 
@@ -58,11 +58,13 @@ def _trainer_class():
 
 
 def run_distill(config, ctx: StageContext) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, TrainingArguments
+    from transformers import TrainingArguments
+
+    from posttrain.training.weights import load_trainable
 
     student_path = ctx.inputs["model"].path
     tokenizer = load_chat_tokenizer(student_path, None, ctx)
-    model = AutoModelForCausalLM.from_pretrained(student_path, dtype="auto")
+    model = load_trainable(student_path, config.master_weights)
     if config.teacher_logits or config.teacher_logits_path:
         folder = ctx.inputs["teacher_logits"].path if config.teacher_logits else ctx.resolve(config.teacher_logits_path)
         data = ShardSequences(folder)
@@ -97,6 +99,7 @@ def run_distill(config, ctx: StageContext) -> dict[str, Any]:
         data_collator=partial(collate, pad_id=tokenizer.pad_token_id or 0, assistant_only=config.assistant_only),
         distill={"alpha": config.alpha, "loss": config.loss, "temperature": temperature,
                  "chunk_size": config.chunk_size},
+        callbacks=[no_final_checkpoint()],
     )
     last = last_complete_checkpoint(checkpoints)
     started = time.time()

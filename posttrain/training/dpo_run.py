@@ -8,7 +8,7 @@ from typing import Any
 from posttrain.data.sources import load_preferences
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
-from posttrain.training.checkpoints import last_complete_checkpoint
+from posttrain.training.checkpoints import last_complete_checkpoint, no_final_checkpoint
 from posttrain.training.splits import train_and_eval
 from posttrain.training.sft_run import device_defaults, load_chat_tokenizer, save_model_entry
 from posttrain.training.tokenize import chat_token_ids
@@ -47,18 +47,20 @@ def _filter_overlong(rows: list[dict], config, tokenizer) -> tuple[list[dict], d
 
 
 def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
+
+    from posttrain.training.weights import load_trainable
 
     source = ctx.inputs["model"].path
     tokenizer = load_chat_tokenizer(source, config.chat_template, ctx)
     train, evaluation, metrics = build_preference_datasets(config, tokenizer, ctx)
     # Loaded from the registry folder, so the policy's name_or_path is a real path (trl derives a
     # reference from it when it needs one; an in-memory model would send it to the hub).
-    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+    model = load_trainable(source, config.master_weights)
     ref_model = None
     if "ref_model" in ctx.inputs:
-        ref_model = AutoModelForCausalLM.from_pretrained(ctx.inputs["ref_model"].path, dtype="auto")
+        # Same dtype as the policy: at step 0 both must give identical log-probs.
+        ref_model = load_trainable(ctx.inputs["ref_model"].path, config.master_weights)
     checkpoints = ctx.work_dir / "checkpoints"
     training = device_defaults(dict(config.training), evaluation is not None)
     args = DPOConfig(
@@ -83,7 +85,7 @@ def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
         peft_config = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                                  target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
-                         processing_class=tokenizer, peft_config=peft_config)
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=[no_final_checkpoint()])
     last = last_complete_checkpoint(checkpoints)
     started = time.time()
     output = trainer.train(resume_from_checkpoint=str(last) if last else None)

@@ -8,7 +8,7 @@ from typing import Any
 from posttrain.data.sources import load_conversations
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
-from posttrain.training.checkpoints import last_complete_checkpoint
+from posttrain.training.checkpoints import last_complete_checkpoint, no_final_checkpoint
 from posttrain.training.splits import train_and_eval
 from posttrain.training.tokenize import IGNORE, tokenize_row
 
@@ -76,27 +76,30 @@ def device_defaults(training: dict[str, Any], has_eval: bool) -> dict[str, Any]:
 
 
 def save_model_entry(trainer, tokenizer, ctx: StageContext, lora: bool, checkpoints) -> Any:
-    """Write the trained model as a plain HF folder (LoRA merged; adapter kept in adapter/).
+    """Write the trained model as a plain HF folder (LoRA merged; adapter kept in adapter/), in the
+    dtype the input model was stored in (training itself keeps fp32 master weights).
 
     Under a multi-process launch every rank takes part (FSDP and ZeRO-3 gather the full state dict
     collectively) and the Trainer writes on rank 0 only. Returns the saved model.
     """
-    from posttrain.tokenizer_setup import write_generation_config
+    from posttrain.checkpoint_folder import save_tokenizer_files
+    from posttrain.training.weights import cast_for_storage, stored_dtype
 
     model = trainer.model
+    storage = stored_dtype(ctx.inputs["model"].path)
     if lora:
         if ctx.world_size > 1:
             raise UserError("LoRA with a multi-process launch is not supported yet: run LoRA stages in one process")
         model.save_pretrained(ctx.out_dir / "adapter")
-        model = model.merge_and_unload()
+        model = cast_for_storage(model.merge_and_unload(), storage)
         model.save_pretrained(ctx.out_dir, safe_serialization=True)
     elif ctx.world_size > 1:
-        trainer.save_model(str(ctx.out_dir))
+        trainer.save_model(str(ctx.out_dir))  # sharded weights are gathered in their training dtype
     else:
+        model = cast_for_storage(model, storage)
         model.save_pretrained(ctx.out_dir, safe_serialization=True)
     if ctx.is_main:
-        tokenizer.save_pretrained(ctx.out_dir)
-        write_generation_config(ctx.out_dir, tokenizer)
+        save_tokenizer_files(ctx.out_dir, tokenizer, input_dir=ctx.inputs["model"].path)
         for leftover in ("training_args.bin",):  # a pickle the Trainer writes: never in the registry
             (ctx.out_dir / leftover).unlink(missing_ok=True)
         runs = checkpoints / "runs"
@@ -106,13 +109,14 @@ def save_model_entry(trainer, tokenizer, ctx: StageContext, lora: bool, checkpoi
 
 
 def run_sft(config, ctx: StageContext) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
+
+    from posttrain.training.weights import load_trainable
 
     source = ctx.inputs["model"].path
     tokenizer = load_chat_tokenizer(source, config.chat_template, ctx)
     train, evaluation, metrics = build_dataset(config, tokenizer, ctx)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+    model = load_trainable(source, config.master_weights)
     checkpoints = ctx.work_dir / "checkpoints"
     training = device_defaults(dict(config.training), evaluation is not None)
     args = SFTConfig(
@@ -137,7 +141,7 @@ def run_sft(config, ctx: StageContext) -> dict[str, Any]:
         peft_config = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                                  target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                         processing_class=tokenizer, peft_config=peft_config)
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=[no_final_checkpoint()])
     last = last_complete_checkpoint(checkpoints)
     started = time.time()
     output = trainer.train(resume_from_checkpoint=str(last) if last else None)
@@ -161,6 +165,7 @@ def run_sft(config, ctx: StageContext) -> dict[str, Any]:
         padding_fraction=_padding_fraction(lengths, args.per_device_train_batch_size, config.packing or config.padding_free),
         lora=bool(config.lora),
         gradient_checkpointing=bool(args.activation_checkpointing),
+        master_weights=config.master_weights,
         torch_dtype=str(next(trained.parameters()).dtype).replace("torch.", ""),
     )
     if metrics["eval_loss"]:
