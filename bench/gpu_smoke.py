@@ -1,0 +1,259 @@
+#!/usr/bin/env python
+"""GPU smoke: SFT, DPO, capture and distill steps of a ~1B random Llama with V = 128256, bf16 mixed precision.
+
+Run it whenever a GPU is available (the project never needs one to pass its tests):
+
+    python bench/gpu_smoke.py [--steps 30] [--seq 1024] [--batch 4] [--out results.json]
+
+For each stage it reports tokens/s, MFU (6 x params x tokens/s against the card's dense bf16 peak),
+peak GPU memory (torch.cuda.max_memory_allocated) against `posttrain plan`'s estimate for the same
+settings, and, for SFT, the same steps as a plain trl SFTTrainer script on the same model and rows in the
+same process (the baseline). Weights are fp32 masters under bf16 autocast, as posttrain trains by
+default. The tokenizer is the tiny test model's (ids < 1024); the model's vocabulary, and so the
+[tokens x 128256] logits, are the real size. `--tiny` runs the same code on a small shape (CPU is fine)
+to check the script itself.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+TOKENIZER = ROOT / "data" / "tiny-llama"
+# Llama-3.2-1B's shape (1.24B parameters, tied embeddings), vocabulary of Llama-3.
+ONE_B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+         "num_key_value_heads": 8, "tie_word_embeddings": True}
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "tie_word_embeddings": True}
+# Dense bf16 peak of the card, for MFU (NVIDIA's datasheets: H100 SXM and H200 989 TFLOP/s).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+
+
+def build_model(folder: Path, shape: dict) -> int:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / name, folder / name)
+    config = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                         bos_token_id=1008, eos_token_id=1009, pad_token_id=1012, **shape)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)  # stored like a Hub folder, trained on fp32 masters
+    model.save_pretrained(str(folder))
+    return sum(p.numel() for p in model.parameters())
+
+
+def write_data(folder: Path, rows: int, words: int) -> tuple[Path, Path]:
+    """Chat rows long enough to fill max_length (so every sample is exactly max_length tokens) and
+    preference pairs of half that length."""
+    rng = random.Random(0)
+    text = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+    chat, prefs = folder / "chat.jsonl", folder / "prefs.jsonl"
+    with chat.open("w") as fh:
+        for _ in range(rows):
+            fh.write(json.dumps({"messages": [{"role": "user", "content": text(max(4, words // 16))},
+                                              {"role": "assistant", "content": text(words)}]}) + "\n")
+    with prefs.open("w") as fh:
+        for _ in range(rows):
+            fh.write(json.dumps({"prompt": text(max(4, words // 16)), "chosen": text(words // 8),
+                                 "rejected": text(words // 8)}) + "\n")
+    return chat, prefs
+
+
+def gpu_peak_gib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
+
+
+def reset_gpu() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def plan_estimate(kind: str, model_dir: Path, stage: dict) -> str:
+    """`posttrain plan`'s per-device estimate for this stage's settings."""
+    from posttrain.memory import architecture_of, estimate
+    from posttrain.stages import get_stage
+
+    config = get_stage(kind).Config.model_validate({"kind": kind, **stage})
+    return estimate(kind, config, architecture_of(str(model_dir), ROOT), 1)
+
+
+def pair_tokens(model_dir: str, prefs: Path, seq: int) -> float:
+    """Mean tokens of one preference pair (prompt + chosen, prompt + rejected) as DPO sees them."""
+    from transformers import AutoTokenizer
+
+    from posttrain.training.tokenize import chat_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    sizes = []
+    for line in prefs.read_text().splitlines()[:16]:
+        row = json.loads(line)
+        prompt = [{"role": "user", "content": row["prompt"]}]
+        sizes.append(sum(min(seq, len(chat_token_ids(tokenizer, prompt + [{"role": "assistant", "content": row[side]}])))
+                         for side in ("chosen", "rejected")))
+    return sum(sizes) / len(sizes)
+
+
+def plain_trl_sft(model_dir: Path, chat: Path, out: Path, training: dict, seq: int) -> float:
+    """The baseline: trl's SFTTrainer as its docs show it, same rows, steps and precision."""
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from posttrain.chat_templates import resolve_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = resolve_chat_template("llama-3.1", ROOT).text
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    args = SFTConfig(output_dir=str(out), max_length=seq, assistant_only_loss=True, save_strategy="no",
+                     activation_checkpointing=False, gradient_checkpointing=None, seed=42, **training)
+    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
+                         train_dataset=load_dataset("json", data_files=str(chat), split="train"))
+    started = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tiny", action="store_true", help="small shape, to check the script on a CPU")
+    parser.add_argument("--out", default=None, help="write the results here as JSON")
+    parser.add_argument("--only", default="sft_plain_trl,sft,dpo,capture,distill",
+                        help="comma-separated stages, run in this order (sft_again: SFT again at another lr)")
+    args = parser.parse_args()
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import posttrain
+
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in device), None)
+    work = Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
+    registry = work / "registry"
+    params = build_model(work / "base", TINY if args.tiny else ONE_B)
+    chat, prefs = write_data(work, rows=max(64, args.steps * args.batch), words=args.seq)
+    training = {"max_steps": args.steps, "per_device_train_batch_size": args.batch, "learning_rate": 1e-5,
+                "logging_steps": max(1, args.steps // 5), "report_to": [], "bf16": cuda,
+                "dataloader_num_workers": 0}
+    if not cuda:
+        training["use_cpu"] = True
+    results: dict = {"device": device, "params": params, "seq": args.seq, "batch": args.batch, "steps": args.steps,
+                     "torch": torch.__version__, "stages": {}}
+    tokens_per_step = args.batch * args.seq
+
+    def record(name: str, seconds: float, tokens: int, estimate: str | None, flops_per_token: float, **extra):
+        rate = tokens / seconds
+        row = {"seconds": round(seconds, 2), "tokens_per_s": round(rate, 1),
+               "mfu": round(flops_per_token * params * rate / peak, 4) if peak else None,
+               "peak_gpu_gib": round(gpu_peak_gib(), 2) if cuda else None, "plan_estimate": estimate, **extra}
+        results["stages"][name] = row
+        print(f"{name:<14} {json.dumps(row)}", flush=True)
+
+    def stage(name, fn):
+        reset_gpu()
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - a smoke run reports every stage it can
+            results["stages"][name] = {"error": traceback.format_exc()[-2000:]}
+            print(f"{name} FAILED\n{traceback.format_exc()}", flush=True)
+
+    sft_stage = {"data": {"sources": [{"path": str(chat)}], "max_length": args.seq}, "training": training}
+
+    def sft_again():
+        posttrain.sft(work / "base", sft_stage["data"], registry=registry, chat_template="llama-3.1",
+                      **{**training, "learning_rate": 2e-5})
+        record("sft_again", _manifest_metrics(registry, "sft")["train_seconds"], args.steps * tokens_per_step,
+               None, 6)
+
+    def trl_baseline():
+        seconds = plain_trl_sft(work / "base", chat, work / "trl", training, args.seq)
+        record("sft_plain_trl", seconds, args.steps * tokens_per_step, None, 6)
+
+    def sft():
+        out = posttrain.sft(work / "base", sft_stage["data"], registry=registry, chat_template="llama-3.1",
+                            **training)
+        record("sft", _manifest_metrics(registry, "sft")["train_seconds"], args.steps * tokens_per_step, plan_estimate("sft", work / "base", sft_stage), 6)
+        results["sft_dir"] = str(out)
+
+    def dpo():
+        pairs_stage = {"data": {"sources": [{"path": str(prefs)}], "max_length": args.seq}, "training": training}
+        posttrain.dpo(results["sft_dir"], pairs_stage["data"], registry=registry, **training)
+        metrics = _manifest_metrics(registry, "dpo")
+        record("dpo", metrics["train_seconds"], args.steps * args.batch * pair_tokens(results["sft_dir"], prefs, args.seq),
+               plan_estimate("dpo", work / "base", pairs_stage), 6)
+
+    def capture():
+        rows = args.steps * args.batch
+        started = time.perf_counter()
+        posttrain.capture_logits(results["sft_dir"], {"sources": [{"path": str(chat), "max_samples": rows}],
+                                                      "max_length": args.seq}, k=64, registry=registry,
+                                 batch_size=args.batch)
+        metrics = _manifest_metrics(registry, "capture_logits")
+        record("capture", metrics["seconds"], metrics["tokens"],
+               plan_estimate("capture_logits", work / "base", {"data": sft_stage["data"], "batch_size": args.batch}),
+               2, wall_seconds=round(time.perf_counter() - started, 2), bytes_per_token=metrics["bytes_per_token"])
+        results["capture_dir"] = str(_entry_path(registry, "capture_logits"))
+
+    def distill():
+        posttrain.distill(work / "base", results["capture_dir"], registry=registry, chat_template="llama-3.1",
+                          **training)
+        metrics = _manifest_metrics(registry, "distill")
+        record("distill", metrics["train_seconds"], args.steps * tokens_per_step,
+               plan_estimate("distill", work / "base", {"teacher_logits_path": "x", "training": training}), 6)
+
+    runs = {"sft_plain_trl": trl_baseline, "sft": sft, "sft_again": sft_again, "dpo": dpo, "capture": capture,
+            "distill": distill}
+    for name in args.only.split(","):
+        fn = runs[name]
+        if name in ("dpo", "capture") and "sft_dir" not in results:
+            continue
+        if name == "distill" and "capture_dir" not in results:
+            continue
+        stage(name, fn)
+    base, ours = results["stages"].get("sft_plain_trl", {}), results["stages"].get("sft", {})
+    if base.get("tokens_per_s") and ours.get("tokens_per_s"):
+        results["sft_tokens_per_s_ratio_vs_trl"] = round(ours["tokens_per_s"] / base["tokens_per_s"], 3)
+        print(f"SFT tokens/s, posttrain / plain trl: {results['sft_tokens_per_s_ratio_vs_trl']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _entry_path(registry: Path, stage: str) -> Path:
+    from posttrain.registry import Registry
+
+    reg = Registry(registry)
+    return reg.get(reg.get_ref(f"api-{stage}/{stage}")).path
+
+
+def _manifest_metrics(registry: Path, stage: str) -> dict:
+    from posttrain.registry import Registry
+
+    reg = Registry(registry)
+    return reg.get(reg.get_ref(f"api-{stage}/{stage}")).manifest["metrics"]
+
+
+if __name__ == "__main__":
+    main()
