@@ -67,3 +67,21 @@ def template_problems(value: str | None, recipe_dir: Path, key: str = "chat_temp
     except UserError as exc:
         return [(key, str(exc))]
     return []
+
+
+def end_of_turn_problems(value: str | None, recipe_dir: Path, tokenizer_folder: Path,
+                         key: str = "chat_template") -> list[tuple[str, str]]:
+    """The template's end-of-turn token must exist in a local tokenizer (checked without loading it)."""
+    if not value:
+        return []
+    try:
+        template = resolve_chat_template(value, recipe_dir)
+    except UserError:
+        return []  # reported by template_problems
+    vocabulary = tokenizer_folder / "tokenizer.json"
+    if not template.end_of_turn or not vocabulary.is_file():
+        return []
+    if f'"{template.end_of_turn}"' not in vocabulary.read_text(encoding="utf-8", errors="replace"):
+        return [(key, f"template {template.name!r} ends turns with {template.end_of_turn!r}, which the tokenizer "
+                      f"in {tokenizer_folder} does not have (choose a template made for this tokenizer)")]
+    return []

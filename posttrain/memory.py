@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 GIB = 1024 ** 3
+BYTES_PER_PARAMETER = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Published architectures, so `plan` works with no download (config.json fields of each model).
 KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -45,6 +46,7 @@ class Architecture:
     kv_heads: int
     vocab: int
     tied: bool
+    dtype: str = "bfloat16"  # how the weights are stored
 
     @property
     def parameters(self) -> int:
@@ -79,7 +81,8 @@ def architecture_of(model: str, recipe_dir: Path) -> Architecture | None:
     return Architecture(config.get("num_hidden_layers", 0), config["hidden_size"],
                         config.get("intermediate_size", 4 * config["hidden_size"]), heads,
                         config.get("num_key_value_heads", heads), config.get("vocab_size", 0),
-                        bool(config.get("tie_word_embeddings", False)))
+                        bool(config.get("tie_word_embeddings", False)),
+                        str(config.get("dtype") or config.get("torch_dtype") or "bfloat16"))
 
 
 def _bytes(n: float) -> str:
@@ -127,13 +130,18 @@ def estimate(kind: str, config: Any, arch: Architecture, processes: int) -> str:
         return (f"~{_bytes(total)}/device ({_count(p)} params, {shard}, batch {batch} x {seq}"
                 f"{', checkpointing' if checkpointing else ''})")
     if kind == "capture_logits":
-        return f"~{_bytes(2 * p + 4 * getattr(config, 'batch_size', 8) * seq * arch.vocab)} on one device (teacher inference)"
+        # bf16 logits, their valid-position copy and two fp32 log-softmax buffers: 12 bytes a logit
+        # (a 1.2B teacher at 4 x 1024 tokens peaked at 8.24 GiB on an H100; this gives 8.2).
+        logits = 12 * getattr(config, "batch_size", 8) * seq * arch.vocab
+        return f"~{_bytes(2 * p + logits)} on one device (teacher inference)"
     if kind == "merge":
         return f"~{_bytes(2 * p)} RAM (one bf16 output shard buffer plus mmap'd inputs)"
     if kind == "eval":
         return f"~{_bytes(2 * p)}/device (bf16 inference)"
     if kind == "model":
-        return f"{_count(p)} params, {_bytes(2 * p)} in bf16"
+        dtype = getattr(config, "dtype", "auto")
+        dtype = arch.dtype if dtype in (None, "auto") else dtype
+        return f"{_count(p)} params, {_bytes(BYTES_PER_PARAMETER.get(dtype, 2) * p)} in {dtype}"
     return "-"
 
 

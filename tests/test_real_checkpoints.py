@@ -158,3 +158,43 @@ def test_a_link_leaving_the_model_folder_is_refused(hub_base, tmp_path):
     (folder / "loop.txt").symlink_to(folder / "loop.txt")
     with pytest.raises(UserError, match="broken or looping"):
         copy_model_folder(folder, tmp_path / "out2")
+
+
+def test_capture_names_its_teacher_stage(pipeline):
+    index = json.loads((pipeline.path("capture") / "index.json").read_text())
+    assert index["teacher"] == "real/sft"
+
+
+def test_validate_refuses_a_template_whose_end_of_turn_the_tokenizer_lacks(tmp_path):
+    import shutil
+
+    from conftest import TINY_MODEL, cli
+
+    folder = tmp_path / "no-eot"
+    shutil.copytree(TINY_MODEL, folder)
+    vocabulary = folder / "tokenizer.json"
+    vocabulary.write_text(vocabulary.read_text().replace("<|eot_id|>", "<|turn_end|>"))
+    recipe = write_recipe(tmp_path, f"""
+        name: no_eot
+        base:
+          model: {folder}
+          chat_template: llama-3.1
+        stages:
+          sft: {{kind: sft, data: {{sources: [{{path: {ROOT}/data/sft/tiny_chat_train.jsonl}}]}}}}
+        """)
+    result = cli("validate", str(recipe))
+    assert result.returncode == 2
+    assert "recipe.yaml:4: base.chat_template: template 'llama-3.1' ends turns with '<|eot_id|>'" in result.stderr + result.stdout
+
+
+def test_plan_labels_the_base_with_its_own_dtype(tmp_path):
+    from conftest import TINY_MODEL, cli
+
+    recipe = write_recipe(tmp_path, f"""
+        name: sizes
+        base: {{model: {TINY_MODEL}, chat_template: llama-3.1}}
+        stages:
+          sft: {{kind: sft, data: {{sources: [{{path: {ROOT}/data/sft/tiny_chat_train.jsonl}}]}}}}
+        """)
+    result = cli("plan", str(recipe))
+    assert result.returncode == 0 and "in float32" in result.stdout and "in bfloat16" not in result.stdout

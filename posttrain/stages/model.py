@@ -67,9 +67,15 @@ class ModelStage(Stage):
                 lacking = [m for m in missing_parts(folder) if m.startswith("tokenizer")]
             if lacking:
                 problems.append((field, f"{folder} is not a usable model folder; missing: " + "; ".join(lacking)))
-        from posttrain.chat_templates import template_problems
+        from posttrain.chat_templates import end_of_turn_problems, template_problems
 
-        return problems + template_problems(config.chat_template, recipe_dir)
+        problems += template_problems(config.chat_template, recipe_dir)
+        tokenizer_value = config.tokenizer or config.model
+        if looks_local(tokenizer_value, recipe_dir) and not problems:
+            folder = Path(tokenizer_value).expanduser()
+            problems += end_of_turn_problems(config.chat_template, recipe_dir,
+                                             folder if folder.is_absolute() else recipe_dir / folder)
+        return problems
 
     def run(self, config: ModelConfig, ctx: StageContext) -> dict[str, Any]:
         info: dict[str, Any] = {"model": config.model}

@@ -38,6 +38,14 @@ def sparse_targets(logits, k: int, mode: str, temperature: float, generator=None
     return ids, values
 
 
+def teacher_name(entry) -> str:
+    """A starting model by its hub id or folder; a trained one by its ref (recipe/stage)."""
+    manifest = entry.manifest
+    if entry.kind == "model":
+        return str(manifest.get("config", {}).get("model") or entry.key)
+    return str(manifest.get("ref") or entry.key)
+
+
 def run_capture(config, ctx: StageContext) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
@@ -63,7 +71,7 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
         raise UserError(f"k = {config.k} is larger than the teacher's vocabulary ({vocab})")
     data_hash = hashlib.sha256(json.dumps(sequences).encode()).hexdigest()
     meta = shard_meta(
-        teacher=str(teacher_entry.manifest.get("config", {}).get("model") or teacher_entry.key),
+        teacher=teacher_name(teacher_entry),
         teacher_key=teacher_entry.key, tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=vocab,
         k=min(config.k, vocab), encoding=config.encoding, mode=config.mode,
         samples=config.k if config.mode == "sampled" else None, temperature=config.temperature,
