@@ -103,3 +103,81 @@ def test_chunked_loss_equals_unchunked_in_value_and_gradient():
         ce = F.cross_entropy(logits, labels)
     torch.testing.assert_close(grads[0][0], 0.7 * kd + 0.3 * ce)
     assert grads[0][3]["kd_loss"] == pytest.approx(float(kd), rel=1e-5)
+
+
+def _bucketed_reference(student, ids, values):
+    """float64 forward KL over the buckets S and tail, the student's tail summed over the ids not stored."""
+    q = F.log_softmax(student.double(), -1)
+    log_p = values.double()
+    p_tail = 1 - log_p.exp().sum(-1)
+    stored = torch.zeros_like(q, dtype=torch.bool).scatter(-1, ids, True)
+    q_tail = torch.where(stored, torch.zeros_like(q), q.exp()).sum(-1)
+    body = (log_p.exp() * (log_p - q.gather(-1, ids))).sum(-1)
+    return body + p_tail * (p_tail.log() - q_tail.log())
+
+
+def test_confident_student_equals_the_float64_reference_in_value_and_gradient():
+    teacher, student = teacher_and_student(n=4)
+    student = student.clone()
+    student[:, 0] += 40.0  # the student puts all but ~1e-16 of its mass on token 0
+    ids, values = topk_targets(teacher, 8)
+    ids[:, -1] = 0  # and token 0 is among the stored targets, so the student's tail is tiny
+    values = F.log_softmax(teacher, -1).gather(-1, ids)
+    z32 = student.clone().requires_grad_(True)
+    got = sparse_kd(z32, ids, values)
+    z64 = student.double().clone().requires_grad_(True)
+    want = _bucketed_reference(z64, ids, values)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(z32.grad.double(), z64.grad, rtol=1e-4, atol=1e-7)
+    tail_ids = torch.ones(V, dtype=torch.bool)
+    tail_ids[ids[0]] = False
+    assert z32.grad[0, tail_ids].abs().max() > 1e-6  # the tail logits are pushed up, not frozen
+
+
+def test_self_distillation_at_k_equals_v_starts_at_zero():
+    _, student = teacher_and_student()
+    student = student * 10  # confident, as a trained model is
+    ids, values = topk_targets(student, V)
+    assert sparse_kd(student, ids, values).abs().max() <= 1e-6
+
+
+def _with_duplicates(ids, values, seed=0):
+    """The same targets with repeated ids appended, as sampled captures store them."""
+    g = torch.Generator().manual_seed(seed)
+    extra = torch.randint(0, ids.shape[1], (ids.shape[0], 4), generator=g)
+    return (torch.cat([ids, ids.gather(-1, extra)], -1),
+            torch.cat([values, torch.full(extra.shape, -15.0)], -1))
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "renormalized", "reverse_kl", "jsd"])
+def test_repeated_ids_give_the_loss_of_the_unique_targets(loss):
+    teacher, student = teacher_and_student()
+    ids, values = topk_targets(teacher, 8)
+    dup_ids, dup_values = _with_duplicates(ids, values)
+    torch.testing.assert_close(sparse_kd(student, dup_ids, dup_values, loss),
+                               sparse_kd(student, ids, values, loss), rtol=1e-5, atol=1e-6)
+
+
+def test_a_stored_teacher_tail_makes_quantised_values_one_distribution():
+    teacher, student = teacher_and_student()
+    ids, values = topk_targets(teacher * 4, 8)  # a confident teacher
+    exact_tail = log1mexp(torch.logsumexp(values, -1))
+    rounded = torch.round(values * 32) / 32  # q10-style rounding: the top value becomes 0 (p = 1)
+    got = sparse_kd(student, ids, rounded, teacher_tail=exact_tail)
+    torch.testing.assert_close(got, sparse_kd(student, ids, values), rtol=0.05, atol=0.02)
+    assert torch.isfinite(got).all()
+
+
+def test_no_cross_entropy_is_computed_at_alpha_one(monkeypatch):
+    calls = []
+    real = F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hidden = torch.randn(10, 8)
+    head = torch.nn.Linear(8, V, bias=False)
+    ids, values = topk_targets(torch.randn(10, V), 4)
+    _, parts = distill_loss(hidden, head, ids, values, torch.zeros(10, dtype=torch.long), alpha=1.0)
+    assert calls == [] and "ce_loss" not in parts
+    distill_loss(hidden, head, ids, values, torch.zeros(10, dtype=torch.long), alpha=0.5)
+    assert calls

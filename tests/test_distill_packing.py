@@ -36,10 +36,11 @@ def test_value_codecs_stay_within_their_error(encoding, max_mean_error):
     assert np.all(decoded <= 0)
 
 
-def test_quantised_values_clamp_instead_of_wrapping():
+def test_values_below_the_quantised_range_decode_as_zero_probability_instead_of_wrapping_or_clipping():
     codec = ValueCodec("q8")
-    decoded = codec.decode(codec.encode(np.array([[-0.5, -100.0]])), 2)
-    assert decoded[0, 0] == pytest.approx(-0.5, abs=0.04) and decoded[0, 1] == pytest.approx(-255 / 16)
+    decoded = codec.decode(codec.encode(np.array([[-0.5, -15.8, -100.0]])), 3)
+    assert decoded[0, 0] == pytest.approx(-0.5, abs=0.04) and decoded[0, 1] == pytest.approx(-15.8, abs=1 / 32)
+    assert decoded[0, 2] == -np.inf  # not -15.94: that would overstate its probability; its mass is in the tail
 
 
 def test_bytes_per_token_arithmetic():

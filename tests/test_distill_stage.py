@@ -65,7 +65,9 @@ def test_self_distillation_starts_at_zero_loss_so_positions_are_aligned(tmp_path
                           "training": {"max_steps": 1, **TRAIN_ARGS, "learning_rate": 1e-9}}}
     result = posttrain.run(recipe_with(tmp_path, stages))
     first = result.metrics("distill")["kd_loss"][0]["value"]
-    assert first < 1e-3  # fp16 storage error only; a one-position shift gives a KL of several nats
+    # The exact tail stored beside the fp16 values makes them one distribution: only second-order storage
+    # error is left (a one-position shift would give a KL of several nats).
+    assert first <= 1e-6
 
 
 def test_distilled_student_is_closer_to_the_teacher_than_sft_on_the_same_tokens(tmp_path):
@@ -165,27 +167,94 @@ def test_capture_resumes_shard_by_shard(tmp_path):
             np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
 
 
-def test_arcee_layout_with_raw_logits_trains_with_the_renormalised_loss(tmp_path, capsys):
+def arcee_rows(count: int, double_bos: bool = True, chat: bool = True) -> list[dict]:
+    """Rows in the released arcee-ai/LLama-405B-Logits shape: chat-formatted token ids starting with a
+    doubled BOS, top-k ids and raw logits per position."""
     from transformers import AutoTokenizer
 
+    from posttrain.chat_templates import resolve_chat_template
+
     tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    tok.chat_template = resolve_chat_template("llama-3.1", ROOT).text
     rows = []
-    for line in TRAIN.read_text().splitlines()[:16]:
-        ids = tok(json.loads(line)["messages"][0]["content"])["input_ids"]
+    for line in TRAIN.read_text().splitlines()[:count]:
+        messages = json.loads(line)["messages"]
+        ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"] if chat else \
+            [tok.bos_token_id] + tok(messages[0]["content"], add_special_tokens=False)["input_ids"]
+        ids = [tok.bos_token_id] + list(ids) if double_bos else list(ids)
         logits = torch.randn(len(ids), 1024, generator=torch.Generator().manual_seed(len(rows)))
         values, top = logits.topk(8, -1)
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "token_ids": top.tolist(),
                      "top_values": values.tolist()})
+    return rows
+
+
+def write_arcee_parquet(path, rows) -> None:
+    """list<int32> ids, list<list<int32>> top-k ids, list<list<float32>> values: the real column types."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8())),
+                        ("token_ids", pa.list_(pa.list_(pa.int32()))),
+                        ("top_values", pa.list_(pa.list_(pa.float32())))])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def test_arcee_layout_with_raw_logits_trains_with_the_renormalised_loss(tmp_path, capsys):
     data = tmp_path / "logits.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data.write_text("".join(json.dumps(r) + "\n" for r in arcee_rows(16, double_bos=False, chat=False)))
     stage = {"kind": "distill", "model": "base", "logits_dataset": {"path": str(data), "vocab_size": 1024},
-             "training": {"max_steps": 2, "per_device_train_batch_size": 4}}
+             "assistant_only": False, "training": {"max_steps": 2, "per_device_train_batch_size": 4}}
     recipe = recipe_with(tmp_path, {"distill": stage})
     assert main(["validate", str(recipe)]) == 2
     assert "only loss: renormalized is valid for them" in capsys.readouterr().err
     stage["loss"] = "renormalized"
     result = posttrain.run(recipe_with(tmp_path, {"distill": stage}))
     assert result.metrics("distill")["steps"] == 2 and result.metrics("distill")["loss_type"] == "renormalized"
+
+
+def test_arcee_layout_rows_are_cut_at_max_length_double_bos_collapsed_and_assistant_tokens_found(tmp_path):
+    from posttrain.training.distill_data import LengthLimited, LogitsDatasetSequences
+    from posttrain.stages.distill import LogitsDataset
+    from posttrain.tokenizer_setup import attach_chat_template
+    from transformers import AutoTokenizer
+
+    rows = arcee_rows(12)
+    data = tmp_path / "logits.parquet"
+    write_arcee_parquet(data, rows)
+    lengths = [len(r["input_ids"]) - 1 for r in rows]  # after the doubled BOS is cut to one
+    max_length = max(lengths) - 1
+    stage = {"kind": "distill", "model": "base", "loss": "renormalized", "max_length": max_length,
+             "logits_dataset": {"path": str(data), "vocab_size": 1024},
+             "training": {"max_steps": 2, "per_device_train_batch_size": 4}}
+    metrics = posttrain.run(recipe_with(tmp_path, {"distill": stage})).metrics("distill")
+    assert metrics["truncated_sequences"] == sum(n > max_length for n in lengths) > 0
+    assert metrics["double_bos_rows"] == 12 and metrics["sequences"] == 12
+
+    folder = tmp_path / "tok"
+    attach_chat_template(TINY_MODEL, folder, "llama-3.1", folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    sequences = LengthLimited(LogitsDatasetSequences(LogitsDataset(path=str(data), vocab_size=1024), tmp_path,
+                                                     tok, assistant_only=True), max_length, "truncate")
+    item = sequences[0]
+    assert item["input_ids"][0] == tok.bos_token_id and item["input_ids"][1] != tok.bos_token_id
+    assert len(item["input_ids"]) == len(item["target_ids"]) == min(lengths[0], max_length)
+    answer = json.loads(TRAIN.read_text().splitlines()[0])["messages"][-1]["content"]
+    full = LogitsDatasetSequences(LogitsDataset(path=str(data), vocab_size=1024), tmp_path, tok, assistant_only=True)[0]
+    assert tok.decode(full["input_ids"][full["loss_mask"]]) == answer + "<|eot_id|>"
+
+
+def test_arcee_rows_not_starting_with_the_students_bos_are_refused(tmp_path, capsys):
+    rows = arcee_rows(4, double_bos=False)
+    for row in rows:
+        row["input_ids"][0] = 5
+    data = tmp_path / "logits.parquet"
+    write_arcee_parquet(data, rows)
+    stage = {"kind": "distill", "model": "base", "loss": "renormalized",
+             "logits_dataset": {"path": str(data), "vocab_size": 1024}, "training": {"max_steps": 1}}
+    assert main(["run", str(recipe_with(tmp_path, {"distill": stage}))]) != 0
+    assert "row 1: starts with token 5, but the student's tokenizer starts every sequence with BOS 1008" in \
+        capsys.readouterr().err
 
 
 def test_python_api(tmp_path, registry_dir):
@@ -252,3 +321,70 @@ def test_sampled_targets_are_an_empirical_distribution_that_trains(tmp_path):
     weights = np.exp(item["target_values"])
     assert np.allclose(np.round(weights[weights > 1e-3] * 12), weights[weights > 1e-3] * 12, atol=1e-2)
     assert result.metrics("distill")["steps"] == 2
+
+
+def confident_teacher(folder):
+    """The tiny model with its output layer scaled up: a peaked teacher (top-1 p > 0.985 at most positions)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60.0)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_MODEL / name, folder / name)
+    return folder
+
+
+def test_q10_capture_of_a_confident_teacher_keeps_its_tail_and_sums_to_at_most_one(tmp_path):
+    from posttrain.kd.losses import sparse_kd
+    from posttrain.kd.shards import read_index, read_shard
+
+    teacher = confident_teacher(tmp_path / "peaked")
+    body = {"name": "kd", "base": {"model": str(teacher), "chat_template": "llama-3.1"},
+            "stages": {"capture": capture(k=16, encoding="q10")}}
+    result = posttrain.run(write_recipe(tmp_path, yaml.safe_dump(body, sort_keys=False)))
+    metrics = result.metrics("capture")
+    assert metrics["share_of_positions_with_codes_summing_above_1"] > 0.05  # what the codes alone would do
+    folder = result.path("capture")
+    shard = read_shard(folder / read_index(folder)["shards"][0]["file"])
+    item = shard.sequence(0)
+    full = teacher_logp(result.path("base"), item["input_ids"].tolist())
+    ids = torch.from_numpy(item["target_ids"])
+    exact_tail = torch.logsumexp(full.scatter(-1, ids, float("-inf")), -1)
+    torch.testing.assert_close(torch.from_numpy(item["target_tail"]), exact_tail, rtol=1e-4, atol=1e-4)
+    # The teacher distilled into itself through its q10 targets: one distribution, so ~0 and never negative.
+    own = sparse_kd(full * 1.0, ids, torch.from_numpy(item["target_values"]),
+                    teacher_tail=torch.from_numpy(item["target_tail"]))
+    assert torch.isfinite(own).all() and own.max() < 2e-3 and own.min() > -1e-6
+
+
+def test_gradient_accumulation_weighs_tokens_not_micro_batches(tmp_path):
+    """GA = 2 over two sequences of unequal length gives the gradient of one batch holding both."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "two.jsonl"
+    answers = ["7", "seven hundred and twenty three, because three times two hundred and forty one is that"]
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "What is 3 times 241?"},
+                                                     {"role": "assistant", "content": a}]}) + "\n" for a in answers))
+    sgd = {"optim": "sgd", "learning_rate": 1.0, "max_grad_norm": 0.0, "lr_scheduler_type": "constant",
+           "weight_decay": 0.0, "max_steps": 1}
+    grab = capture(teacher="peaked", k=16)
+    grab["data"] = {"sources": [{"path": str(data)}], "max_length": 512}
+    teacher = confident_teacher(tmp_path / "peaked-teacher")
+    deltas, trained_positions = {}, {}
+    base = load_file(TINY_MODEL / "model.safetensors")
+    for name, batch, accumulation in (("one_batch", 2, 1), ("accumulated", 1, 2)):
+        stages = {"capture": grab, "distill": {"kind": "distill", "model": "base", "teacher_logits": "capture",
+                  "training": {**sgd, "per_device_train_batch_size": batch,
+                               "gradient_accumulation_steps": accumulation}}}
+        body = {"name": name, "base": {"model": str(TINY_MODEL), "chat_template": "llama-3.1"},
+                "models": {"peaked": {"model": str(teacher), "chat_template": "llama-3.1"}}, "stages": stages}
+        folder = tmp_path / name
+        folder.mkdir()
+        result = posttrain.run(write_recipe(folder, yaml.safe_dump(body, sort_keys=False)))
+        trained = load_file(result.path("distill") / "model.safetensors")
+        deltas[name] = {key: trained[key] - base[key] for key in base}
+    assert deltas["one_batch"]["lm_head.weight"].abs().max() > 1e-3  # a real gradient, not a no-op
+    for key in base:
+        torch.testing.assert_close(deltas["accumulated"][key], deltas["one_batch"][key], rtol=1e-4, atol=1e-5)

@@ -9,8 +9,14 @@ q = softmax(z / T):
   reverse_kl            T^2 * KL(q || p) over the buckets S and tail (an approximation)
   jsd                   T^2 * JS(p, q) over the buckets S and tail (an approximation)
 
-where x_tail = 1 - sum_S x_i, computed in fp32 as log(-expm1(logsumexp(log x_S))). With S the whole
-vocabulary, forward_kl is exactly the full KL divergence.
+The teacher's tail is the stored one when the capture wrote it (exact, before quantisation), else
+log(-expm1(logsumexp(log p_S))). The student's tail is a logsumexp over the ids NOT stored, never
+1 - sum q_S: for a confident student that difference underflows in fp32 (forward_kl 3.26 instead of
+0.98, and no gradient reaching the tail logits). When S covers the whole vocabulary there is no tail
+bucket at all, and forward_kl is exactly the full KL divergence.
+
+A position's stored ids may repeat (sampled targets draw with replacement): a repeat is dropped
+(weight 0), so every loss sees each id once, with the mass the capture gave its first occurrence.
 """
 from __future__ import annotations
 
@@ -22,74 +28,121 @@ LOSSES = ("forward_kl", "renormalized", "reverse_kl", "jsd")
 # log(1 - x) for x within ~1e-30 of 1 stays finite: the tail of a stored set that covers (almost)
 # all the mass contributes ~0 instead of 0 * -inf = NaN.
 _NEAR_ZERO = -1e-30
+_LOG_HALF = -0.6931471805599453
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, accurate on both ends (Maechler 2012)."""
     x = x.clamp(max=_NEAR_ZERO)
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    return torch.where(x > _LOG_HALF, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _bucket_kl(log_a: torch.Tensor, log_a_tail: torch.Tensor, log_b: torch.Tensor, log_b_tail: torch.Tensor) -> torch.Tensor:
-    """KL(a || b) over the buckets S (last dim) and tail."""
-    body = (log_a.exp() * (log_a - log_b)).sum(-1)
-    return body + log_a_tail.exp() * (log_a_tail - log_b_tail)
+def repeated_ids(ids: torch.Tensor) -> torch.Tensor:
+    """[n, k] bool: True where an id already appeared earlier in the same row."""
+    same = ids.unsqueeze(-1) == ids.unsqueeze(-2)  # [n, k, k]
+    earlier = torch.ones(ids.shape[-1], ids.shape[-1], dtype=torch.bool, device=ids.device).tril(-1)
+    return (same & earlier).any(-1)
+
+
+_FLOOR = -1e4  # exp() of it is 0 in fp32; keeps every log finite so no gradient is ever NaN
+
+
+def _bucket_kl(log_a, log_a_tail, log_b, log_b_tail, keep, has_tail) -> torch.Tensor:
+    """KL(a || b) over the kept buckets of S (last dim) and, where there is one, the tail."""
+    body = (keep * log_a.exp() * (log_a - log_b)).sum(-1)
+    return body + has_tail * log_a_tail.exp() * (log_a_tail - log_b_tail)
+
+
+def _masked_logsumexp(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(torch.where(keep, x, torch.full_like(x, float("-inf"))), dim=-1)
+
+
+def student_tail(log_q_all: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log q_tail, has_tail): logsumexp of the student's log-probs over the ids not stored.
+
+    Where every id is stored there is no tail: has_tail is 0 and log q_tail a finite placeholder."""
+    stored = torch.zeros_like(log_q_all, dtype=torch.bool).scatter(-1, ids, True)
+    has_tail = ~stored.all(-1)
+    unstored = torch.where(stored, torch.full_like(log_q_all, float("-inf")), log_q_all)
+    unstored = torch.where(has_tail.unsqueeze(-1), unstored, torch.zeros_like(unstored))  # no -inf rows
+    return torch.logsumexp(unstored, dim=-1).clamp(min=_FLOOR), has_tail.float()
 
 
 def sparse_kd(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logp: torch.Tensor,
-              loss: str = "forward_kl", temperature: float = 1.0) -> torch.Tensor:
-    """Per-position loss [n] for student logits [n, V], stored ids [n, k] and teacher values [n, k]."""
+              loss: str = "forward_kl", temperature: float = 1.0,
+              teacher_tail: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-position loss [n] for student logits [n, V], stored ids [n, k] and teacher values [n, k].
+
+    `teacher_tail` [n] is the teacher's stored log tail mass, when the capture recorded it.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown distillation loss {loss!r}; one of {', '.join(LOSSES)}")
     log_q_all = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_q = log_q_all.gather(-1, ids)
-    log_p = teacher_logp.float()
+    keep_mask = ~repeated_ids(ids)
+    keep = keep_mask.float()
+    log_p = teacher_logp.float().clamp(min=_FLOOR)
+    log_q = log_q_all.gather(-1, ids).clamp(min=_FLOOR)
     if loss == "renormalized":
-        log_p_hat = F.log_softmax(log_p, dim=-1)
-        per_position = (log_p_hat.exp() * (log_p_hat - F.log_softmax(log_q, dim=-1))).sum(-1)
+        log_p_hat = log_p - _masked_logsumexp(log_p, keep_mask).unsqueeze(-1)
+        log_q_hat = log_q - _masked_logsumexp(log_q, keep_mask).unsqueeze(-1)
+        return (keep * log_p_hat.exp() * (log_p_hat - log_q_hat)).sum(-1) * temperature ** 2
+    log_q_tail, has_tail = student_tail(log_q_all, ids)
+    if teacher_tail is None:
+        log_p_tail = log1mexp(_masked_logsumexp(log_p, keep_mask))
     else:
-        log_p_tail = log1mexp(torch.logsumexp(log_p, dim=-1))
-        log_q_tail = log1mexp(torch.logsumexp(log_q, dim=-1))
-        if loss == "forward_kl":
-            per_position = _bucket_kl(log_p, log_p_tail, log_q, log_q_tail)
-        elif loss == "reverse_kl":
-            per_position = _bucket_kl(log_q, log_q_tail, log_p, log_p_tail)
-        elif loss == "jsd":
-            log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0))
-            log_m_tail = torch.logaddexp(log_p_tail, log_q_tail) - torch.log(torch.tensor(2.0))
-            per_position = 0.5 * (_bucket_kl(log_p, log_p_tail, log_m, log_m_tail)
-                                  + _bucket_kl(log_q, log_q_tail, log_m, log_m_tail))
-        else:
-            raise ValueError(f"unknown distillation loss {loss!r}; one of {', '.join(LOSSES)}")
+        log_p_tail = teacher_tail.float()
+        # Make the stored body and tail one distribution (quantised codes can sum above 1 - tail).
+        body = _masked_logsumexp(log_p, keep_mask).unsqueeze(-1)
+        log_p = log_p - body + log1mexp(log_p_tail.clamp(max=_NEAR_ZERO)).unsqueeze(-1)
+    log_p_tail = log_p_tail.clamp(min=_FLOOR)
+    if loss == "forward_kl":
+        per_position = _bucket_kl(log_p, log_p_tail, log_q, log_q_tail, keep, has_tail)
+    elif loss == "reverse_kl":
+        per_position = _bucket_kl(log_q, log_q_tail, log_p, log_p_tail, keep, has_tail)
+    else:  # jsd
+        log_m = torch.logaddexp(log_p, log_q) + _LOG_HALF
+        log_m_tail = torch.logaddexp(log_p_tail, log_q_tail) + _LOG_HALF
+        per_position = 0.5 * (_bucket_kl(log_p, log_p_tail, log_m, log_m_tail, keep, has_tail)
+                              + _bucket_kl(log_q, log_q_tail, log_m, log_m_tail, keep, has_tail))
     return per_position * temperature ** 2
 
 
-def _chunk_sums(hidden, head, ids, teacher_logp, labels, loss, temperature):
+def _chunk_sums(hidden, head, ids, teacher_logp, teacher_tail, labels, loss, temperature, with_ce):
     logits = head(hidden)
-    kd = sparse_kd(logits, ids, teacher_logp, loss, temperature).sum()
-    ce = F.cross_entropy(logits.float(), labels, reduction="sum")
+    kd = sparse_kd(logits, ids, teacher_logp, loss, temperature, teacher_tail).sum()
+    ce = F.cross_entropy(logits.float(), labels, reduction="sum") if with_ce else kd.new_zeros(())
     return kd, ce
 
 
 def distill_loss(hidden: torch.Tensor, head: torch.nn.Module, ids: torch.Tensor, teacher_logp: torch.Tensor,
                  labels: torch.Tensor, alpha: float = 1.0, loss: str = "forward_kl", temperature: float = 1.0,
-                 chunk_size: int = 1024) -> tuple[torch.Tensor, dict[str, float]]:
-    """alpha * KD + (1 - alpha) * CE, each averaged over all given positions (the batch's valid tokens).
+                 chunk_size: int = 1024, teacher_tail: torch.Tensor | None = None,
+                 normalizer: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """alpha * KD + (1 - alpha) * CE, each summed over the given positions and divided by `normalizer`.
 
-    `hidden` [N, H] are the student's final hidden states at valid positions only; logits are made
-    `chunk_size` positions at a time and recomputed in backward, so no [N, V] tensor is ever held.
+    `normalizer` is the number of trained positions of the whole optimizer step (every micro-batch of
+    a gradient accumulation, every rank), so each token weighs the same whatever micro-batch it is in;
+    without it, this batch's positions. `hidden` [N, H] are the student's final hidden states at trained
+    positions only; logits are made `chunk_size` positions at a time and recomputed in backward, so no
+    [N, V] tensor is ever held. At alpha = 1 the cross-entropy is not computed at all.
     """
     n = hidden.shape[0]
+    with_ce = alpha < 1
     kd_total = hidden.new_zeros((), dtype=torch.float32)
     ce_total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk_size):
         part = slice(start, start + chunk_size)
-        args = (hidden[part], head, ids[part], teacher_logp[part], labels[part], loss, temperature)
+        tail = teacher_tail[part] if teacher_tail is not None else None
+        args = (hidden[part], head, ids[part], teacher_logp[part], tail, labels[part], loss, temperature, with_ce)
         if torch.is_grad_enabled() and hidden.requires_grad:
             kd, ce = checkpoint(_chunk_sums, *args, use_reentrant=False)
         else:
             kd, ce = _chunk_sums(*args)
         kd_total = kd_total + kd
         ce_total = ce_total + ce
-    denominator = max(n, 1)
-    kd_mean, ce_mean = kd_total / denominator, ce_total / denominator
-    total = alpha * kd_mean + (1 - alpha) * ce_mean
-    return total, {"kd_loss": float(kd_mean.detach()), "ce_loss": float(ce_mean.detach())}
+    denominator = normalizer if normalizer is not None else max(n, 1)
+    total = (alpha * kd_total + (1 - alpha) * ce_total) / denominator
+    parts = {"kd_loss": float(kd_total.detach()) / max(n, 1)}
+    if with_ce:
+        parts["ce_loss"] = float(ce_total.detach()) / max(n, 1)
+    return total, parts

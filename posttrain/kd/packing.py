@@ -2,7 +2,9 @@
 
 Ids take ceil(log2 V) bits each (17 for Llama-3's 128256) instead of 32. Values are the teacher's
 full-vocabulary log-probs (so the tail mass 1 - sum p_topk is recoverable), stored as fp16 or as
-unsigned codes of `bits` bits: code = round(-logp / step), clamped at the largest code.
+unsigned codes of `bits` bits: code = round(-logp / step). The largest code means "below the range":
+it decodes to -inf (probability 0, its mass counted in the tail), never to a clipped value that
+would overstate it.
 """
 from __future__ import annotations
 
@@ -44,15 +46,13 @@ class ValueCodec:
         if self.encoding not in ENCODINGS:
             raise ValueError(f"unknown value encoding {self.encoding!r}; one of {', '.join(ENCODINGS)}")
 
-    def bytes_per_value(self) -> float:
-        return 2.0 if self.encoding == "fp16" else QUANTISED[self.encoding][0] / 8
-
     def encode(self, logp: np.ndarray) -> np.ndarray:
         """[..., k] float log-probs -> stored array (fp16, or packed uint8 codes)."""
         if self.encoding == "fp16":
             return np.asarray(logp, dtype=np.float16)
         bits, step = QUANTISED[self.encoding]
-        codes = np.clip(np.rint(-np.asarray(logp, dtype=np.float64) / step), 0, 2 ** bits - 1)
+        negated = -np.asarray(logp, dtype=np.float64)
+        codes = np.clip(np.rint(negated / step), 0, 2 ** bits - 1)
         return pack_bits(codes.astype(np.uint64), bits)
 
     def decode(self, stored: np.ndarray, k: int) -> np.ndarray:
@@ -60,7 +60,10 @@ class ValueCodec:
         if self.encoding == "fp16":
             return np.asarray(stored, dtype=np.float32)
         bits, step = QUANTISED[self.encoding]
-        return (-unpack_bits(stored, bits, k) * step).astype(np.float32)
+        codes = unpack_bits(stored, bits, k)
+        values = (-codes * step).astype(np.float32)
+        values[codes == 2 ** bits - 1] = -np.inf
+        return values
 
 
 def bytes_per_token(vocab_size: int, k: int, encoding: str) -> float:

@@ -2,8 +2,10 @@
 
 A shard holds whole sequences: `input_ids` [T] int32 and `offsets` [S+1] (sequence boundaries),
 `loss_mask` [T] uint8 (1 on assistant tokens for chat data), `topk_ids` [T, ceil(k*bits/8)] uint8
-(bit-packed ids) and `topk_values` (fp16 [T, k], or packed codes). Position t's targets are the
-teacher's distribution for token t+1, i.e. they pair with the student's logits at t.
+(bit-packed ids), `topk_values` (fp16 [T, k], or packed codes) and, in shards written since it was
+added, `tail_logp` [T] float32: the exact log of the teacher's mass outside the stored ids, taken
+before the values were quantised (older shards without it stay readable). Position t's targets are
+the teacher's distribution for token t+1, i.e. they pair with the student's logits at t.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class Shard:
     loss_mask: np.ndarray
     packed_ids: np.ndarray
     stored_values: np.ndarray
+    tail_logp: np.ndarray | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -44,16 +47,19 @@ class Shard:
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
         k = int(self.meta["k"])
         codec = ValueCodec(self.meta["encoding"])
-        return {
+        row = {
             "input_ids": self.input_ids[start:end].astype(np.int64),
             "loss_mask": self.loss_mask[start:end].astype(bool),
             "target_ids": unpack_bits(self.packed_ids[start:end], int(self.meta["id_bits"]), k),
             "target_values": codec.decode(self.stored_values[start:end], k),
         }
+        if self.tail_logp is not None:
+            row["target_tail"] = self.tail_logp[start:end].astype(np.float32)
+        return row
 
 
 def write_shard(path: Path, sequences: list[list[int]], loss_masks: list[list[int]], ids: np.ndarray,
-                logp: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+                logp: np.ndarray, meta: dict[str, Any], tail_logp: np.ndarray | None = None) -> np.ndarray:
     """Write one shard atomically (tmp file + rename: a killed capture never leaves a torn shard).
 
     Returns the stored values as they decode, so a caller can measure the encoding error."""
@@ -71,6 +77,8 @@ def write_shard(path: Path, sequences: list[list[int]], loss_masks: list[list[in
         "topk_ids": pack_bits(ids.astype(np.int64), int(meta["id_bits"])),
         "topk_values": codec.encode(logp),
     }
+    if tail_logp is not None:
+        tensors["tail_logp"] = np.asarray(tail_logp, dtype=np.float32)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata={key: json.dumps(value) for key, value in meta.items()})
     os.replace(tmp, path)
@@ -95,7 +103,7 @@ def read_shard(path: Path, expect: dict[str, Any] | None = None) -> Shard:
     if missing or meta.get("format") != FORMAT:
         raise UserError(f"teacher-logit shard {path}: not a {FORMAT} shard (missing {missing or 'format tag'})")
     shard = Shard(path, meta, arrays["input_ids"], arrays["offsets"], arrays["loss_mask"], arrays["topk_ids"],
-                  arrays["topk_values"])
+                  arrays["topk_values"], arrays.get("tail_logp"))
     validate_shard(shard, expect or {})
     return shard
 
@@ -123,9 +131,13 @@ def validate_shard(shard: Shard, expect: dict[str, Any]) -> None:
     values = ValueCodec(meta["encoding"]).decode(shard.stored_values, k)
     if values.shape != (total, k):
         raise UserError(f"{where}: topk_values has shape {values.shape}, expected ({total}, {k})")
-    if not np.all(np.isfinite(values)):
-        bad = int(np.argwhere(~np.isfinite(values))[0][0])
+    broken = np.isnan(values) | (values == np.inf)  # -inf is a stored zero probability
+    if np.any(broken):
+        bad = int(np.argwhere(broken)[0][0])
         raise UserError(f"{where}: position {bad} has a NaN or infinite target value")
+    if shard.tail_logp is not None:
+        if shard.tail_logp.shape != (total,) or np.any(np.isnan(shard.tail_logp)) or np.any(shard.tail_logp > 1e-3):
+            raise UserError(f"{where}: tail_logp must hold one log-probability <= 0 per position")
     if meta.get("values") == "logprobs" and np.any(values > 1e-3):
         raise UserError(f"{where}: stored log-probs must be <= 0")
 

@@ -48,7 +48,10 @@ class DistillConfig(StageConfig, TrainsWeights):
     assistant_only: bool = Field(True, description="Only positions predicting assistant tokens (chat data).")
     chunk_size: int = Field(1024, gt=0, description="Positions per logits chunk.")
     packing: bool = Field(False, description="Concatenate sequences into rows of max_length tokens.")
-    max_length: int = Field(2048, gt=0, description="Packed row length.")
+    max_length: int = Field(2048, gt=0, description="Longest sequence trained on (tokens); with packing, the "
+                                                   "packed row length.")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="Sequences longer than max_length are cut or left out; both are counted.")
     test_size: float | int | None = Field(None, gt=0)
     gradient_checkpointing: bool = False
     save_steps: int = Field(50, gt=0)

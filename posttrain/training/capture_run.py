@@ -19,23 +19,47 @@ from posttrain.training.tokenize import IGNORE, tokenize_row
 
 
 def sparse_targets(logits, k: int, mode: str, temperature: float, generator=None):
-    """[n, V] teacher logits -> ids [n, k] and full-vocabulary log-probs [n, k] (float32)."""
+    """[n, V] teacher logits -> ids [n, k], full-vocabulary log-probs [n, k] and the log of the mass
+    outside the stored ids [n] (exact, before any quantisation; -inf when nothing is left), float32."""
     import torch
+
+    from posttrain.kd.losses import student_tail
 
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     if mode == "topk":
         values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
-        return ids, values
-    # Sampled targets: k draws from the teacher; a token drawn c times gets log(c / k), repeats of it
-    # get a negligible weight, so the stored (empirical) distribution sums to 1 and the forward-KL
-    # gradient is an unbiased estimate of the full one.
+        tail, has_tail = student_tail(logp, ids)
+        return ids, values, torch.where(has_tail.bool(), tail, torch.full_like(tail, float("-inf")))
+    # Sampled targets: k draws from the teacher; a token drawn c times gets log(c / k) on its first
+    # occurrence and repeats are dropped by the losses, so the stored (empirical) distribution sums to 1,
+    # has no tail, and the forward-KL gradient is an unbiased estimate of the full one.
     draws = torch.multinomial(logp.exp(), k, replacement=True, generator=generator)
     ids, _ = draws.sort(dim=-1)
     first = torch.ones_like(ids, dtype=torch.bool)
     first[:, 1:] = ids[:, 1:] != ids[:, :-1]
     counts = (ids.unsqueeze(-1) == ids.unsqueeze(-2)).sum(-1).float()
     values = torch.where(first, torch.log(counts / k), torch.full_like(counts, -15.0))
-    return ids, values
+    return ids, values, torch.full(ids.shape[:1], float("-inf"), device=ids.device)
+
+
+def tail_error(stored: np.ndarray, exact_tail: np.ndarray, mode: str) -> tuple[float, int, int]:
+    """What quantisation does to the tail mass: (sum |(1 - sum p_stored) - exact tail|, positions whose
+    stored probabilities sum above 1, positions). The exact tail is stored beside the values, so the
+    losses never use the quantised one; this says how wrong it would have been."""
+    if mode != "topk":
+        return 0.0, 0, len(stored)
+    total = np.exp(stored.astype(np.float64)).sum(-1)
+    error = np.abs((1 - total) - np.exp(exact_tail.astype(np.float64)))
+    return float(error.sum()), int((total > 1).sum()), len(stored)
+
+
+def summarise_tail_errors(parts: list[tuple[float, int, int]]) -> dict[str, Any]:
+    positions = sum(p[2] for p in parts)
+    if not positions:
+        return {}
+    return {"mean_abs_tail_mass_error_of_codes": sum(p[0] for p in parts) / positions,
+            "share_of_positions_with_codes_summing_above_1": sum(p[1] for p in parts) / positions,
+            "tail_mass_stored": "exact (float32 per position)"}
 
 
 def teacher_name(entry) -> str:
@@ -83,6 +107,7 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
     generator = torch.Generator(device="cpu").manual_seed(ctx.seed)
     total_tokens = sum(len(s) for s in sequences)
     index, error_sum, error_count, started, resumed = [], 0.0, 0, time.time(), 0
+    tail_errors: list[tuple[float, int, int]] = []
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="capturing teacher logits")
     for shard_no, first in enumerate(range(0, len(sequences), config.shard_sequences)):
         group = slice(first, first + config.shard_sequences)
@@ -97,7 +122,7 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
                 continue  # finished before an interruption: shard by shard resume
             except UserError:
                 path.unlink()
-        ids_parts, value_parts = [], []
+        ids_parts, value_parts, tail_parts = [], [], []
         for start in range(first, min(first + config.shard_sequences, len(sequences)), config.batch_size):
             batch = sequences[start:min(start + config.batch_size, first + config.shard_sequences)]
             longest = max(len(s) for s in batch)
@@ -109,14 +134,17 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
             with torch.no_grad():
                 logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
             valid = attention.bool().to(device)
-            ids, values = sparse_targets(logits[valid], meta["k"], config.mode, config.temperature, generator)
+            ids, values, tails = sparse_targets(logits[valid], meta["k"], config.mode, config.temperature, generator)
             ids_parts.append(ids.cpu().numpy())
             value_parts.append(values.cpu().numpy())
+            tail_parts.append(tails.cpu().numpy())
             bar.update(int(valid.sum()))
-        ids_np, values_np = np.concatenate(ids_parts), np.concatenate(value_parts)
-        stored = write_shard(path, sequences[group], masks[group], ids_np, values_np, meta)
-        error_sum += float(np.abs(stored - values_np).sum())
-        error_count += values_np.size
+        ids_np, values_np, tails_np = np.concatenate(ids_parts), np.concatenate(value_parts), np.concatenate(tail_parts)
+        stored = write_shard(path, sequences[group], masks[group], ids_np, values_np, meta, tails_np)
+        finite = np.isfinite(stored) & np.isfinite(values_np)
+        error_sum += float(np.abs(stored - values_np)[finite].sum())
+        error_count += int(finite.sum())
+        tail_errors.append(tail_error(stored, tails_np, config.mode))
         index.append({"file": path.name, "sequences": len(sequences[group]), "tokens": group_tokens})
     bar.close()
     seconds = time.time() - started
@@ -131,6 +159,7 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
         tokens_per_second=round(total_tokens / max(seconds, 1e-9), 1),
         bytes_per_token=round(stored / total_tokens, 2),
         mean_abs_value_error=(error_sum / error_count) if error_count else None,
+        **summarise_tail_errors(tail_errors),
         k=meta["k"], encoding=config.encoding, mode=config.mode,
     )
     return stats

@@ -26,16 +26,26 @@ class ShardSequences:
     def __len__(self) -> int:
         return len(self.items)
 
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([np.diff(shard.offsets) for shard in self.shards]).astype(np.int64)
+
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         shard, seq = self.items[index]
         return self.shards[shard].sequence(seq)
 
 
 class LogitsDatasetSequences:
-    """Rows of a dataset with input_ids, top-k ids and values per position (arcee-ai/LLama-405B-Logits)."""
+    """Rows of a dataset with input_ids, top-k ids and values per position (arcee-ai/LLama-405B-Logits).
 
-    def __init__(self, spec, recipe_dir: Path):
+    Such rows carry no roles, only token ids. Their first token must be the student's BOS; a doubled
+    BOS (the released rows start 128000, 128000) is cut to one, with its targets, and counted. With
+    `assistant_only`, assistant tokens are found from the student template's assistant header and
+    end-of-turn token, and a row without an assistant turn is an error naming it.
+    """
+
+    def __init__(self, spec, recipe_dir: Path, tokenizer=None, assistant_only: bool = False):
         import datasets
+        import pyarrow.compute as pc
 
         source = spec.hub
         if spec.path:
@@ -56,11 +66,34 @@ class LogitsDatasetSequences:
         if spec.max_samples:
             ds = ds.select(range(min(spec.max_samples, len(ds))))
         self.ds, self.spec, self.source = ds, spec, source
+        column = ds.with_format("arrow")[:][spec.input_ids] if len(ds) else None
+        # Lengths and first tokens straight from the Arrow column: no row is decoded to know them.
+        self._lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False) if column is not None else np.zeros(0)
+        self.bos = getattr(tokenizer, "bos_token_id", None)
+        self._double_bos = np.zeros(len(ds), dtype=bool)
+        if self.bos is not None and len(ds):
+            starts = pc.list_element(pc.filter(column, self._lengths >= 1), 0).to_numpy(zero_copy_only=False)
+            wrong = np.flatnonzero(starts != self.bos)
+            if len(wrong) or (self._lengths == 0).any():
+                row = int(np.flatnonzero(self._lengths >= 1)[wrong[0]]) if len(wrong) else int(np.argmin(self._lengths))
+                first = int(starts[wrong[0]]) if len(wrong) else "nothing"
+                raise UserError(f"teacher logits {source!r}, row {row + 1}: starts with token {first}, but the "
+                                f"student's tokenizer starts every sequence with BOS {self.bos}: the data was not "
+                                "tokenized for it")
+            long_enough = self._lengths >= 2
+            first = pc.list_element(pc.filter(column, long_enough), 0).to_numpy(zero_copy_only=False)
+            second = pc.list_element(pc.filter(column, long_enough), 1).to_numpy(zero_copy_only=False)
+            self._double_bos[long_enough] = (first == self.bos) & (second == self.bos)
+        self.assistant_markers = _assistant_markers(tokenizer) if assistant_only else None
         self.meta = {"vocab_size": spec.vocab_size, "values": spec.value_kind, "temperature": 1.0,
-                     "k": len(ds[0][spec.token_ids][0]), "teacher": source}
+                     "k": len(ds[0][spec.token_ids][0]) if len(ds) else 0, "teacher": source,
+                     "double_bos_rows": int(self._double_bos.sum())}
 
     def __len__(self) -> int:
         return len(self.ds)
+
+    def lengths(self) -> np.ndarray:
+        return self._lengths - self._double_bos
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         row = self.ds[index]
@@ -75,8 +108,74 @@ class LogitsDatasetSequences:
             raise UserError(f"{where}: token ids outside the vocabulary (size {self.spec.vocab_size})")
         if not np.all(np.isfinite(values)):
             raise UserError(f"{where}: NaN or infinite values")
-        return {"input_ids": ids, "loss_mask": np.ones(len(ids), dtype=bool), "target_ids": target_ids,
-                "target_values": values}
+        if self.bos is not None and (not len(ids) or ids[0] != self.bos):
+            raise UserError(f"{where}: starts with token {ids[0] if len(ids) else 'nothing'}, but the student's "
+                            f"tokenizer starts every sequence with BOS {self.bos}: the data was not tokenized for it")
+        if self._double_bos[index]:
+            ids, target_ids, values = ids[1:], target_ids[1:], values[1:]
+        if self.assistant_markers is None:
+            mask = np.ones(len(ids), dtype=bool)
+        else:
+            mask = assistant_token_mask(ids, *self.assistant_markers)
+            if not mask.any():
+                raise UserError(f"{where}: no assistant turn found (no assistant header in the token ids); set "
+                                "assistant_only: false to train on every position of such data")
+        return {"input_ids": ids, "loss_mask": mask, "target_ids": target_ids, "target_values": values}
+
+
+def _assistant_markers(tokenizer) -> tuple[list[int], int]:
+    """The token ids that open an assistant turn and the id that closes it, from the student's template."""
+    if tokenizer is None or not tokenizer.chat_template:
+        raise UserError("assistant_only needs the student's chat template to find assistant turns in token-only "
+                        "data; set the template (e.g. chat_template: llama-3.1) or assistant_only: false")
+    opened = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                           add_generation_prompt=True)
+    closed = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    header = opened[len(closed):]  # the text a generation prompt adds: the assistant header
+    return tokenizer.encode(header, add_special_tokens=False), tokenizer.eos_token_id
+
+
+def assistant_token_mask(ids: np.ndarray, header: list[int], end_of_turn: int) -> np.ndarray:
+    """True on every token after an assistant header up to and including its end-of-turn token."""
+    mask = np.zeros(len(ids), dtype=bool)
+    width, position, inside = len(header), 0, False
+    while position < len(ids):
+        if not inside and width and ids[position] == header[0] and list(ids[position:position + width]) == header:
+            inside, position = True, position + width
+            continue
+        if inside:
+            mask[position] = True
+            inside = ids[position] != end_of_turn
+        position += 1
+    return mask
+
+
+class LengthLimited:
+    """Sequences cut (`truncate`) or left out (`drop`) at `max_length` tokens, counted for the manifest;
+    lengths come from the source without decoding any row."""
+
+    def __init__(self, data, max_length: int, overlong: str):
+        self.data, self.max_length = data, max_length
+        lengths = data.lengths()
+        over = lengths > max_length
+        self.indices = np.flatnonzero(~over) if overlong == "drop" else np.arange(len(data))
+        self.counts = {"truncated_sequences": int(over.sum()) if overlong == "truncate" else 0,
+                       "dropped_sequences": int(over.sum()) if overlong == "drop" else 0}
+        self._lengths = np.minimum(lengths[self.indices], max_length)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.data.meta
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def lengths(self) -> np.ndarray:
+        return self._lengths
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        row = self.data[int(self.indices[index])]
+        return {key: value[: self.max_length] for key, value in row.items()}
 
 
 class PackedSequences:
@@ -89,8 +188,8 @@ class PackedSequences:
 
     def __init__(self, data, max_length: int):
         self.data, self.bins, current, used = data, [], [], 0
-        for index in range(len(data)):
-            length = len(data[index]["input_ids"])
+        lengths = data.lengths().tolist() if hasattr(data, "lengths") else [len(row["input_ids"]) for row in data]
+        for index, length in enumerate(lengths):
             if current and used + length > max_length:
                 self.bins.append(current)
                 current, used = [], 0
@@ -126,6 +225,8 @@ def collate(rows: list[dict[str, np.ndarray]], pad_id: int, assistant_only: bool
     next_tokens = torch.zeros((batch, longest), dtype=torch.long)
     target_ids = torch.zeros((batch, longest, k), dtype=torch.long)
     target_values = torch.zeros((batch, longest, k), dtype=torch.float32)
+    with_tail = "target_tail" in rows[0]
+    target_tail = torch.zeros((batch, longest), dtype=torch.float32)
     packed = "position_ids" in rows[0]
     # Padding gets its own position run (restarting at 0), so under packing it is a separate block.
     position_ids = torch.arange(longest).repeat(batch, 1)
@@ -142,8 +243,12 @@ def collate(rows: list[dict[str, np.ndarray]], pad_id: int, assistant_only: bool
             valid[b, :n] &= ~torch.from_numpy(row["sequence_end"])
         target_ids[b, :n] = torch.from_numpy(row["target_ids"])
         target_values[b, :n] = torch.from_numpy(row["target_values"])
+        if with_tail:
+            target_tail[b, :n] = torch.from_numpy(row["target_tail"])
     out = {"input_ids": input_ids, "attention_mask": attention, "valid": valid, "next_tokens": next_tokens,
            "target_ids": target_ids, "target_values": target_values}
+    if with_tail:
+        out["target_tail"] = target_tail
     if packed:
         out["position_ids"] = position_ids
     return out

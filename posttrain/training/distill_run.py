@@ -10,7 +10,8 @@ from posttrain.kd.tokenizer_check import check_compatible
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
 from posttrain.training.checkpoints import last_complete_checkpoint, no_final_checkpoint
-from posttrain.training.distill_data import LogitsDatasetSequences, PackedSequences, ShardSequences, collate
+from posttrain.training.distill_data import (LengthLimited, LogitsDatasetSequences, PackedSequences,
+                                                 ShardSequences, collate)
 from posttrain.training.sft_run import device_defaults, load_chat_tokenizer, save_model_entry
 
 
@@ -24,6 +25,18 @@ def _trainer_class():
             super().__init__(*args, **kwargs)
             self.distill = distill
             self.parts: dict[str, list[float]] = {"kd_loss": [], "ce_loss": []}
+            self.loss_is_scaled_for_ga = True  # compute_loss divides by the step's token count itself
+
+        def _get_num_items_in_batch(self, batch_samples, device):
+            """Trained positions of the whole optimizer step (every micro-batch of a gradient
+            accumulation, and every rank), so each token weighs the same wherever it sits."""
+            import torch
+
+            count = sum(int(batch["valid"].sum()) for batch in batch_samples)
+            count = torch.tensor(count, device=device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                count = self.accelerator.gather(count).sum()
+            return count
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             valid = inputs["valid"]
@@ -38,11 +51,14 @@ def _trainer_class():
                               use_cache=False).last_hidden_state
             if not valid.any():
                 return hidden.sum() * 0.0
+            tail = inputs["target_tail"][valid] if "target_tail" in inputs else None
             loss, parts = distill_loss(
                 hidden[valid], model.get_output_embeddings(), inputs["target_ids"][valid],
                 inputs["target_values"][valid], inputs["next_tokens"][valid], alpha=self.distill["alpha"],
                 loss=self.distill["loss"], temperature=self.distill["temperature"],
-                chunk_size=self.distill["chunk_size"])
+                chunk_size=self.distill["chunk_size"], teacher_tail=tail, normalizer=num_items_in_batch)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
             for key, value in parts.items():
                 self.parts[key].append(value)
             return (loss, None) if return_outputs else loss
@@ -73,13 +89,17 @@ def run_distill(config, ctx: StageContext) -> dict[str, Any]:
         if data.meta.get("values") != "logprobs" and config.loss != "renormalized":
             raise UserError("stored values are not log-probs: use loss: renormalized")
     else:
-        data = LogitsDatasetSequences(config.logits_dataset, ctx.recipe_dir)
+        data = LogitsDatasetSequences(config.logits_dataset, ctx.recipe_dir, tokenizer, config.assistant_only)
         if data.meta["vocab_size"] > model.config.vocab_size:
             raise UserError(f"the student's vocabulary ({model.config.vocab_size}) is smaller than the teacher's "
                             f"({data.meta['vocab_size']}): the tokenizers are not compatible")
     meta = data.meta
     temperature = float(meta.get("temperature") or 1.0)
+    data = LengthLimited(data, config.max_length, config.overlong)
+    if not len(data):
+        raise UserError(f"no sequences left: all are longer than max_length ({config.max_length}) and overlong is drop")
     sequences = len(data)
+    data_counts = {**data.counts, "double_bos_rows": meta.get("double_bos_rows", 0)}
     if config.packing:
         data = PackedSequences(data, config.max_length)
     train, evaluation = data, None
@@ -117,6 +137,7 @@ def run_distill(config, ctx: StageContext) -> dict[str, Any]:
         "resumed_from_step": int(last.name.rsplit("-", 1)[1]) if last else 0,
         "train_seconds": round(seconds, 3),
         "sequences": sequences,
+        **data_counts,
         "packed_rows": len(data) if config.packing else None,
         "temperature": temperature,
         "teacher": meta.get("teacher"),
