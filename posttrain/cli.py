@@ -29,6 +29,29 @@ def cmd_validate(args) -> int:
     loaded = load_recipe(args.recipe_file, args.profile, args.overrides, deep=True)
     stages = [n for n in loaded.order if loaded.stages[n].kind != "model" or n != "base"]
     print(f"{args.recipe_file}: ok — {len(stages)} stages: {' -> '.join(stages)}")
+    return _validate_data(loaded, args.data) if args.data else 0
+
+
+def _validate_data(loaded, rows: int) -> int:
+    """Read `rows` rows of every data source of every stage and say what training would accept."""
+    from posttrain.data.formats import to_messages
+    from posttrain.data.inspect import format_report, inspect_data
+    from posttrain.data.preferences import to_preference
+
+    normalisers = {"dpo": lambda row, source: to_preference(row)}
+    chat = lambda row, source: to_messages(row, source.format)  # noqa: E731
+    failed = False
+    for name in loaded.order:
+        item = loaded.stages[name]
+        data = getattr(item.config, "data", None)
+        if data is None or not hasattr(data, "sources"):
+            continue
+        reports = inspect_data(data, loaded.dir, normalisers.get(item.kind, chat), rows)
+        print("\n".join(format_report(f"stages.{name}.data (first {rows} rows of each source)", reports)))
+        failed |= not all(r.usable for r in reports)
+    if failed:
+        print("posttrain: some sources give no usable rows (see above)", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -299,7 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--nproc", type=int, default=None, help="processes per machine (torchrun default: 2)")
     run_parser.add_argument("--accelerate-config", help="an accelerate config file, e.g. configs/accelerate/fsdp.yaml")
     recipe_verb("plan", cmd_plan, "show what would run, what is cached, and why")
-    recipe_verb("validate", cmd_validate, "check a recipe and report every error at once (no side effects)")
+    validate = recipe_verb("validate", cmd_validate, "check a recipe and report every error at once (no side effects)")
+    validate.add_argument("--data", type=int, nargs="?", const=200, default=0, metavar="ROWS",
+                          help="also read ROWS rows (default 200) of every data source and report per source "
+                               "what training would accept (streams hub datasets; nothing is trained)")
 
     def registry_verb(name: str, func, help_text: str):
         p = sub.add_parser(name, help=help_text, description=help_text)

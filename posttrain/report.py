@@ -170,6 +170,22 @@ def training_summary(report: Report) -> list[tuple[str, str, str]]:
     return lines
 
 
+DATA_COLUMNS = ("source", "rows_read", "rows_used", "skipped", "truncated", "dropped", "top skip reason")
+
+
+def data_rows(report: Report) -> list[list[str]]:
+    """One row per data source of every stage that read data: read, used, skipped, truncated, dropped."""
+    rows = []
+    for name, entry in report.entries.items():
+        for source in entry.manifest.get("metrics", {}).get("sources") or []:
+            reasons = source.get("skipped_by_reason") or {}
+            top = max(reasons, key=reasons.get) if reasons else ""
+            rows.append([name, str(source.get("source", "?")),
+                         *(str(source.get(k, "-")) for k in ("rows_read", "rows_used", "skipped", "truncated", "dropped")),
+                         f"{top} ({reasons[top]})" if top else ""])
+    return rows
+
+
 def write(report: Report, registry: Registry, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     curves = plot_curves(report, out)
@@ -181,18 +197,22 @@ def write(report: Report, registry: Registry, out: Path) -> dict[str, Path]:
     if summary:
         md += ["## Training", "", "| stage | kind | summary |", "|---|---|---|"]
         md += [f"| {n} | {k} | {s} |" for n, k, s in summary] + [""]
+    data = data_rows(report)
+    if data:
+        md += ["## Data sources", "", "| stage | " + " | ".join(DATA_COLUMNS) + " |", "|---" * (len(DATA_COLUMNS) + 1) + "|"]
+        md += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in data] + [""]
     md += ["## Lineage", "", f"![lineage]({lineage.name})", ""]
     for name, path in curves.items():
         md += [f"### {name}", "", f"![{name}]({path.name})", ""]
     md += ["## Entries", "", "| stage | kind | key |", "|---|---|---|"]
     md += [f"| {n} | {e.kind} | `{e.key}` |" for n, e in report.entries.items()]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    (out / "report.html").write_text(_html(report, curves, lineage, summary))
+    (out / "report.html").write_text(_html(report, curves, lineage, summary, data))
     (out / "report.json").write_text(json.dumps({"columns": report.columns, "rows": report.rows}, indent=2) + "\n")
     return {"markdown": out / "report.md", "html": out / "report.html", "lineage": lineage, **curves}
 
 
-def _html(report: Report, curves: dict[str, Path], lineage: Path, summary) -> str:
+def _html(report: Report, curves: dict[str, Path], lineage: Path, summary, data: list[list[str]]) -> str:
     esc = html.escape
     parts = [f"<!doctype html><meta charset=utf-8><title>{esc(report.title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
@@ -209,6 +229,11 @@ def _html(report: Report, curves: dict[str, Path], lineage: Path, summary) -> st
     if summary:
         parts.append("<h2>Training</h2><table><tr><th>stage</th><th>kind</th><th>summary</th></tr>")
         parts += [f"<tr><td>{esc(n)}</td><td>{esc(k)}</td><td>{esc(s)}</td></tr>" for n, k, s in summary]
+        parts.append("</table>")
+    if data:
+        parts.append("<h2>Data sources</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in ("stage", *DATA_COLUMNS))
+                     + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in data]
         parts.append("</table>")
     parts.append(f"<h2>Lineage</h2><img src='{lineage.name}' alt='lineage'>")
     for name, path in curves.items():

@@ -171,6 +171,8 @@ def _build(loaded, reg, name, keys, result, rank, world, echo, prefix) -> Entry:
         echo(f"{prefix} {'resuming' if resuming else 'running '} {short(key)}  (log: {work / STAGE_LOG})")
         started = time.time()
         metrics = _run_stage(loaded, name, keys, result, tmp, work, rank, world)
+        for warning in metrics.get("warnings") or []:
+            echo(f"{prefix} warning: {warning}")
         manifest = _manifest(loaded, name, keys, result, metrics, started)
         shutil.copy2(work / STAGE_LOG, tmp / "posttrain.log")
         if loaded.stages[name].stage.produces == "model":

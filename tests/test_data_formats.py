@@ -158,4 +158,6 @@ def test_hub_style_source_and_named_eval_split(tmp_path):
     rows, stats = load_conversations(config, tmp_path, 0)
     assert stats["rows_used"] == 6
     held = load_eval_rows(config, tmp_path, 0, load_conversations)
-    assert held == [{"messages": [{"role": "user", "content": "held"}, {"role": "assistant", "content": "out"}]}]
+    # Each row carries the index of the source it came from (for per-source counts).
+    assert held == [{"messages": [{"role": "user", "content": "held"}, {"role": "assistant", "content": "out"}],
+                     "source": 0}]

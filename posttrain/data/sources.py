@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +54,8 @@ class DataConfig(StrictModel):
     eval_sources: list[DataSource] | None = Field(
         None, description="Eval data from a named split or file, e.g. [{hub: org/data, split: test}].")
     on_bad_rows: Literal["error", "skip"] = "error"
+    warn_skipped_share: float = Field(0.1, ge=0, le=1, description="Warn when a source loses more than this "
+                                                                     "share of its rows to bad-row skips.")
     max_length: int = Field(1024, gt=0, description="Tokens per sample.")
     overlong: Literal["truncate", "drop"] = "truncate"
 
@@ -77,10 +81,7 @@ def _read_rows(source: DataSource, recipe_dir: Path) -> list[tuple[str, int, Any
     if source.hub:
         import datasets
 
-        try:
-            ds = datasets.load_dataset(source.hub, source.name, split=source.split, revision=source.revision)
-        except Exception as exc:  # datasets raises many types for a missing/unreachable dataset
-            raise UserError(f"could not load dataset {source.hub!r} split {source.split!r}: {exc}") from exc
+        ds = load_hub_dataset(source)
         return [(source.label, i + 1, row) for i, row in enumerate(ds)]
     for file in source_files(source, recipe_dir):
         if file.suffix == ".jsonl":
@@ -109,6 +110,80 @@ def _read_rows(source: DataSource, recipe_dir: Path) -> list[tuple[str, int, Any
     return rows
 
 
+def load_hub_dataset(source: DataSource, split: str | None = None):
+    """A hub source (a hub id, or a local folder laid out like a hub repo) through `datasets`, with the
+    mistakes people make named: several configs and none chosen, a missing dataset or split."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(source.hub, source.name, split=split or source.split, revision=source.revision)
+    except Exception as exc:  # datasets raises many types for a missing/unreachable dataset
+        if "config name is missing" in str(exc).lower():
+            configs = hub_configs(source.hub)
+            listed = f" ({', '.join(configs)})" if configs else ""
+            raise UserError(f"{source.label}: the dataset has several configs and no default: choose one with "
+                            f"`name:`{listed}") from None
+        raise UserError(f"could not load dataset {source.hub!r} split {source.split!r}: {exc}") from exc
+
+
+def hub_configs(hub: str) -> list[str]:
+    """The config names of a hub dataset (from the local cache or a local folder when offline)."""
+    try:
+        import datasets
+
+        return list(datasets.get_dataset_config_names(hub))
+    except Exception:  # noqa: BLE001 - only used to make an error message more helpful
+        return []
+
+
+def local_hub_configs(folder: Path) -> tuple[list[str], str | None] | None:
+    """(config names, default) from a local hub-style folder's README front matter, or None if it has none.
+
+    Read without `datasets`, so `posttrain validate` can say a config is missing before anything runs."""
+    import yaml
+
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    try:
+        front = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError:
+        return None
+    configs = front.get("configs") if isinstance(front, dict) else None
+    if not isinstance(configs, list):
+        return None
+    names = [c.get("config_name") for c in configs if isinstance(c, dict) and c.get("config_name")]
+    default = next((c.get("config_name") for c in configs if isinstance(c, dict) and c.get("default")), None)
+    if len(names) == 1:
+        default = names[0]
+    return names, default
+
+
+def config_problems(config: "DataConfig", recipe_dir: Path, prefix: str = "data") -> list[tuple[str, str]]:
+    """Hub sources that are local hub-style folders: a config must be named when there are several."""
+    problems = []
+    for group in ("sources", "eval_sources"):
+        for i, source in enumerate(getattr(config, group) or []):
+            if not source.hub:
+                continue
+            folder = Path(source.hub).expanduser()
+            folder = folder if folder.is_absolute() else recipe_dir / folder
+            found = local_hub_configs(folder) if folder.is_dir() else None
+            if not found:
+                continue
+            names, default = found
+            where = f"{prefix}.{group}.{i}.name"
+            if source.name is None and default is None and len(names) > 1:
+                problems.append((where, f"{source.hub} has several configs and no default: choose one "
+                                        f"({', '.join(names)})"))
+            elif source.name is not None and source.name not in names:
+                problems.append((where, f"{source.name!r} is not a config of {source.hub} ({', '.join(names)})"))
+    return problems
+
+
 def load_conversations(config: DataConfig, recipe_dir: Path, seed: int) -> tuple[list[dict], dict[str, int]]:
     """Chat/text rows of the whole mixture as messages, shuffled under `seed`, and counts for the manifest."""
     return load_rows(config, recipe_dir, seed, lambda row, source: to_messages(row, source.format))
@@ -121,40 +196,63 @@ def load_preferences(config: DataConfig, recipe_dir: Path, seed: int) -> tuple[l
     return load_rows(config, recipe_dir, seed, lambda row, source: to_preference(row))
 
 
-def load_rows(config: DataConfig, recipe_dir: Path, seed: int, normalise) -> tuple[list[dict], dict[str, int]]:
-    """Read, rename, normalise (or report/skip bad rows), weight and shuffle every source's rows."""
+def load_rows(config: DataConfig, recipe_dir: Path, seed: int, normalise) -> tuple[list[dict], dict[str, Any]]:
+    """Read, rename, normalise (or report/skip bad rows), weight and shuffle every source's rows.
+
+    Each kept row carries `source` (its source's index) so later steps can count per source; the stats
+    hold totals and, under `sources`, each source's rows read, used and skipped by reason."""
     rng = random.Random(seed)
     mixture: list[dict] = []
-    stats = {"rows_read": 0, "bad_rows_skipped": 0}
-    for source in config.sources:
-        kept = []
+    stats: dict[str, Any] = {"rows_read": 0, "bad_rows_skipped": 0, "sources": [], "warnings": []}
+    for index, source in enumerate(config.sources):
+        kept, skipped, read = [], {}, 0
         for file, number, raw in _read_rows(source, recipe_dir):
-            stats["rows_read"] += 1
+            read += 1
             try:
                 if isinstance(raw, BadRow):
                     raise raw
                 if not isinstance(raw, dict):
                     raise BadRow("", "a row must be a mapping")
                 row = {source.columns.get(k, k): v for k, v in raw.items()}
-                kept.append(normalise(row, source))
+                kept.append({**normalise(row, source), "source": index})
             except BadRow as bad:
                 if config.on_bad_rows == "error":
                     where = f" field {bad.field}:" if bad.field else ""
                     raise UserError(f"{file}: row {number}:{where} {bad} "
                                     "(fix the row, or set on_bad_rows: skip)") from None
-                stats["bad_rows_skipped"] += 1
+                reason = skip_reason(bad)
+                skipped[reason] = skipped.get(reason, 0) + 1
         rng.shuffle(kept)
         if source.weight is not None:
             whole, frac = divmod(source.weight, 1)
             kept = kept * int(whole) + kept[: round(frac * len(kept))]
         if source.max_samples is not None:
             kept = kept[: source.max_samples]
+        lost = sum(skipped.values())
+        stats["rows_read"] += read
+        stats["bad_rows_skipped"] += lost
+        stats["sources"].append({"source": source.label, "rows_read": read, "rows_used": len(kept),
+                                 "skipped": lost, "skipped_by_reason": skipped})
+        if read and lost / read > config.warn_skipped_share:
+            top = max(skipped, key=skipped.get)
+            message = (f"{source.label}: {lost} of {read} rows ({lost / read:.0%}) skipped as bad; most often: "
+                       f"{top} ({skipped[top]})")
+            stats["warnings"].append(message)
+            logging.getLogger("posttrain.data").warning("%s", message)
         if not kept:
-            raise UserError(f"{source.label}: no usable rows")
+            reasons = "; ".join(f"{r} ({n})" for r, n in sorted(skipped.items(), key=lambda x: -x[1])[:3])
+            raise UserError(f"{source.label}: no usable rows" + (f" ({lost} skipped: {reasons})" if lost else ""))
         mixture.extend(kept)
     rng.shuffle(mixture)
     stats["rows_used"] = len(mixture)
     return mixture, stats
+
+
+def skip_reason(bad: BadRow) -> str:
+    """A bad row's cause without its particular values, so like causes count together."""
+    message = re.sub(r"'[^']*'|\d+", "…", str(bad))
+    field = re.sub(r"\.\d+", "", bad.field) if bad.field else ""
+    return f"{field}: {message}" if field else message
 
 
 def load_eval_rows(config: DataConfig, recipe_dir: Path, seed: int, load) -> list[dict] | None:

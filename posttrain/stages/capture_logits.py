@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from posttrain.data.sources import DataConfig, local_data_files
+from posttrain.data.sources import DataConfig, config_problems, local_data_files
 from posttrain.stages.base import Stage, StageConfig, StageContext
 
 
@@ -40,9 +40,10 @@ class CaptureLogitsStage(Stage):
         return local_data_files(config.data)
 
     def validate(self, config: CaptureConfig, recipe_dir: Path) -> list[tuple[str, str]]:
+        problems = config_problems(config.data, recipe_dir)
         if config.data.test_size or config.data.eval_sources:
-            return [("data.test_size", "capture stores every row; hold out eval data in the distill stage")]
-        return []
+            problems.append(("data.test_size", "capture stores every row; hold out eval data in the distill stage"))
+        return problems
 
     def run(self, config: CaptureConfig, ctx: StageContext) -> dict[str, Any]:
         from posttrain.training.capture_run import run_capture

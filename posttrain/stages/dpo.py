@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from posttrain.data.sources import DataConfig, local_data_files
+from posttrain.data.sources import DataConfig, config_problems, local_data_files
 from posttrain.stages.base import Stage, StageConfig, StageContext, TrainsWeights
 from posttrain.stages.sft import LoraSettings, check_training_keys
 
@@ -74,7 +74,7 @@ class DPOStage(Stage):
             problems.append((f"training.{key}", f"set it as the stage's own `{key}:`"))
         if config.loss_weights is not None and len(config.loss_weights) != len(config.loss_type):
             problems.append(("loss_weights", f"needs one weight per loss type ({len(config.loss_type)})"))
-        return problems
+        return problems + config_problems(config.data, recipe_dir)
 
     def run(self, config: DPOStageConfig, ctx: StageContext) -> dict[str, Any]:
         from posttrain.training.dpo_run import run_dpo

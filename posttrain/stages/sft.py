@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from posttrain.data.sources import DataConfig, local_data_files
+from posttrain.data.sources import DataConfig, config_problems, local_data_files
 from posttrain.recipe.model import StrictModel
 from posttrain.stages.base import Stage, StageConfig, StageContext, TrainsWeights
 
@@ -57,7 +57,8 @@ class SFTStage(Stage):
     def validate(self, config: SFTStageConfig, recipe_dir: Path) -> list[tuple[str, str]]:
         from posttrain.chat_templates import template_problems
 
-        return check_training_keys(config.training) + template_problems(config.chat_template, recipe_dir)
+        return (check_training_keys(config.training) + template_problems(config.chat_template, recipe_dir)
+                + config_problems(config.data, recipe_dir))
 
     def run(self, config: SFTStageConfig, ctx: StageContext) -> dict[str, Any]:
         from posttrain.training.sft_run import run_sft

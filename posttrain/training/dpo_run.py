@@ -42,7 +42,7 @@ def _filter_overlong(rows: list[dict], config, tokenizer) -> tuple[list[dict], d
                 counts["dropped"] += 1
                 continue
             counts["truncated"] += 1
-        kept.append(row)
+        kept.append({key: row[key] for key in ("prompt", "chosen", "rejected")})
     return kept, counts
 
 

@@ -16,9 +16,10 @@ from posttrain.training.tokenize import IGNORE, tokenize_row
 def build_dataset(config, tokenizer, ctx: StageContext):
     """Tokenised train (and eval) datasets plus data metrics."""
     rows, stats = load_conversations(config.data, ctx.recipe_dir, ctx.seed)
-    records, counts = _tokenize(rows, config, tokenizer)
+    records, counts = _tokenize(rows, config, tokenizer, stats["sources"])
     if not records:
-        raise UserError("no training samples left after dropping over-long rows (raise data.max_length)")
+        raise UserError(f"no training samples left after dropping over-long rows from {_labels(config)} "
+                        "(raise data.max_length)")
     stats.update(truncated_samples=counts["truncated"], dropped_samples=counts["dropped"])
     dataset, eval_dataset = train_and_eval(records, config.data, ctx, load_conversations,
                                            lambda rows: _tokenize(rows, config, tokenizer)[0])
@@ -27,17 +28,32 @@ def build_dataset(config, tokenizer, ctx: StageContext):
     return dataset, eval_dataset, stats
 
 
-def _tokenize(rows: list[dict], config, tokenizer) -> tuple[list[dict], dict[str, int]]:
+def _labels(config) -> str:
+    return ", ".join(source.label for source in config.data.sources)
+
+
+def _tokenize(rows: list[dict], config, tokenizer, per_source: list[dict] | None = None
+              ) -> tuple[list[dict], dict[str, int]]:
+    """Token ids and labels; counts truncated and dropped rows in total and, given `per_source` (the
+    data layer's per-source stats), for each source."""
     records, counts = [], {"truncated": 0, "dropped": 0}
+    for source in per_source or []:
+        source.update(truncated=0, dropped=0)
     for row in rows:
         ids, labels, was_truncated = tokenize_row(tokenizer, row, config.data.max_length, config.assistant_only_loss)
+        outcome = None
         if was_truncated and config.data.overlong == "drop":
-            counts["dropped"] += 1
+            outcome = "dropped"
+        elif all(label == IGNORE for label in labels):
+            outcome = "dropped"  # truncation cut every assistant token: nothing to learn from
+        elif was_truncated:
+            outcome = "truncated"
+        if outcome:
+            counts[outcome] += 1
+            if per_source and "source" in row:
+                per_source[row["source"]][outcome] += 1
+        if outcome == "dropped":
             continue
-        if all(label == IGNORE for label in labels):
-            counts["dropped"] += 1  # truncation cut every assistant token: nothing to learn from
-            continue
-        counts["truncated"] += was_truncated
         records.append({"input_ids": ids, "labels": labels})
     return records, counts
 

@@ -18,8 +18,8 @@ def tokenize_row(tokenizer, row: dict[str, Any], max_length: int, assistant_only
             raise UserError(
                 f"the model's tokenizer ({tokenizer.name_or_path}) has no chat template, so chat data cannot be "
                 "rendered; set base.chat_template (e.g. llama-3.1) or the stage's chat_template")
-        out = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=assistant_only)
+        out = tokenizer.apply_chat_template(row["messages"], tools=row.get("tools"), tokenize=True,
+                                            return_dict=True, return_assistant_tokens_mask=assistant_only)
         ids = list(out["input_ids"])
         if assistant_only:
             mask = list(out["assistant_masks"])
