@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
+from posttrain import signals
 from posttrain.errors import UserError
 
 
@@ -216,22 +216,24 @@ def cmd_verify(args) -> int:
     for key, problems in report.items():
         for problem in problems:
             print(f"CORRUPT {short(key)}: {problem}")
+        if problems and registry.entry_dir(key).exists():
+            print(f"  set aside as {registry.discard(key).relative_to(registry.root)}: no run will use it")
     print(f"verified {len(report)} entries in {registry.root}: {len(report) - len(bad)} ok, {len(bad)} corrupt")
     if bad:
-        print("corrupt entries are never used; the next run that needs one rebuilds it")
+        print("the next run that needs a set-aside entry rebuilds it")
     return 1 if bad else 0
 
 
 def cmd_gc(args) -> int:
-    import shutil
-
     registry = _registry_for(args)
     garbage = registry.garbage(include_work=args.include_work)
     total = sum(_size(p) for p in garbage)
     for path in garbage:
-        print(f"{'removing' if args.yes else 'would remove'} {path.relative_to(registry.root)} ({_human(_size(path))})")
-        if args.yes:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        size = _human(_size(path))
+        if args.yes and not registry.remove(path):
+            print(f"kept {path.relative_to(registry.root)}: a running build uses it")
+            continue
+        print(f"{'removing' if args.yes else 'would remove'} {path.relative_to(registry.root)} ({size})")
     verb = "removed" if args.yes else "would free"
     print(f"{verb} {_human(total)} in {len(garbage)} items" + ("" if args.yes else "; pass --yes to delete"))
     return 0
@@ -356,13 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM stops as cleanly as Ctrl-C: locks released, work kept
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    signals.install()
     try:
         return args.func(args)
     except UserError as exc:

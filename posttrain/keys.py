@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from posttrain.code_fingerprint import code_fingerprint
 from posttrain.fingerprint import FingerprintCache, fingerprint
 from posttrain.recipe.load import LoadedRecipe
 from posttrain.registry import entry_key
@@ -44,12 +45,11 @@ def compute_keys(loaded: LoadedRecipe, cache: FingerprintCache) -> dict[str, Sta
             local = Path(value).expanduser()
             local = local if local.is_absolute() else loaded.dir / local
             data[path] = fingerprint(local, cache) if local.exists() else "missing"
-        seed = None
-        if getattr(item.stage, "uses_seed", True):
-            seed = item.config.seed if item.config.seed is not None else loaded.recipe.seed
+        seed = item.config.seed if item.config.seed is not None else loaded.recipe.seed
         material = {
             "kind": item.kind,
             "version": item.stage.version,
+            "code": code_fingerprint(type(item.stage).__module__),
             "config": config,
             "inputs": inputs,
             "data": data,
@@ -65,6 +65,8 @@ def explain_change(old: dict[str, Any], new: dict[str, Any], key_names: dict[str
     reasons = []
     if old.get("version") != new.get("version"):
         reasons.append(f"stage code version {old.get('version')} -> {new.get('version')}")
+    if old.get("code") != new.get("code"):
+        reasons.append("the stage's code changed")
     if old.get("kind") != new.get("kind"):
         reasons.append(f"kind {old.get('kind')} -> {new.get('kind')}")
     for path in sorted(set(old.get("inputs", {})) | set(new.get("inputs", {}))):

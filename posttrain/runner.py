@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain import signals
 from posttrain.errors import UserError
 from posttrain.fingerprint import FingerprintCache
+from posttrain.hf_folder import missing_parts
 from posttrain.keys import StageKey, compute_keys, explain_change
 from posttrain.model_card import write_model_card
 from posttrain.recipe.load import LoadedRecipe, load_recipe
@@ -174,9 +176,14 @@ def _build(loaded, reg, name, keys, result, rank, world, echo, prefix) -> Entry:
         for warning in metrics.get("warnings") or []:
             echo(f"{prefix} warning: {warning}")
         manifest = _manifest(loaded, name, keys, result, metrics, started)
-        shutil.copy2(work / STAGE_LOG, tmp / "posttrain.log")
         if loaded.stages[name].stage.produces == "model":
+            lacking = missing_parts(tmp) if tmp.is_dir() else ["the whole build folder"]
+            if lacking:  # e.g. removed under us: never commit a model entry that cannot load
+                _mark_failed(work, tmp, rank)
+                raise StageFailed(f"stage {name!r} wrote an incomplete model folder (missing: {'; '.join(lacking)}); "
+                                  f"nothing was committed\n  resume with: {loaded.command()}")
             write_model_card(tmp, manifest, reg)
+        shutil.copy2(work / STAGE_LOG, tmp / "posttrain.log")
         entry = reg.commit(key, tmp, manifest)
         echo(f"{prefix} done     {short(key)}  {time.time() - started:.1f}s")
         return entry
@@ -207,6 +214,10 @@ def _run_stage(loaded, name, keys, result, out_dir: Path, work: Path, rank: int,
         _mark_failed(work, out_dir, rank)
         raise
     except Exception as exc:  # a bug or an environment problem: keep the traceback in the log
+        if signals.interrupted():  # a library turned our Ctrl-C / SIGTERM into its own error
+            stage_log.error("interrupted (surfaced as %s: %s)", type(exc).__name__, exc)
+            _mark_failed(work, out_dir, rank)
+            raise KeyboardInterrupt from exc
         stage_log.error("failed:\n%s", traceback.format_exc())
         _mark_failed(work, out_dir, rank)
         raise StageFailed(
@@ -237,13 +248,25 @@ def _build_as_follower(loaded, reg: Registry, name, keys, result, rank: int, wor
         time.sleep(0.1)
     scratch.mkdir(parents=True, exist_ok=True)
     _run_stage(loaded, name, keys, result, scratch, work, rank, world)
+    return wait_for_commit(reg, key, work, name)
+
+
+def wait_for_commit(reg: Registry, key: str, work: Path, name: str, poll: float = 0.2) -> Entry:
+    """A follower rank waits for rank 0 to commit `key`; rank 0 holds the key's lock while it builds,
+    so a free lock and no entry means rank 0 is gone (killed, or its machine lost) and waiting is over."""
     while True:
         entry = reg.get(key)
         if entry is not None:
             return entry
         if (work / "FAILED").exists():
             raise StageFailed(f"stage {name!r} failed on rank 0; see {work / STAGE_LOG}")
-        time.sleep(0.2)
+        if not reg.is_building(key):
+            entry = reg.get(key)  # committed between the two checks
+            if entry is not None:
+                return entry
+            raise StageFailed(f"stage {name!r}: rank 0 stopped without committing the entry or reporting a failure "
+                              f"(killed?); see {work / STAGE_LOG}")
+        time.sleep(poll)
 
 
 def _as_input(entry: Entry):

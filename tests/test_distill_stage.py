@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -132,7 +133,13 @@ def test_corrupt_shard_is_one_clear_error(tmp_path, capsys):
     start, _ = json.loads(data[8:8 + header_len])["topk_values"]["data_offsets"]
     at = 8 + header_len + start + 64
     data[at:at + 64] = b"\xff" * 64  # fp16 NaNs in the stored values; the file keeps its size
+    # Bit rot: the file keeps its size, inode and mtime, so only reading it can tell (a visible write
+    # would make the run set the entry aside and rebuild it; see test_registry_integrity).
+    before = shard.stat()
+    shard.chmod(0o644)
     shard.write_bytes(bytes(data))
+    shard.chmod(before.st_mode)
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert main(["run", str(recipe), "stages.distill.alpha=0.5"]) == 2
     err = capsys.readouterr().err
     assert f"teacher-logit shard {shard}" in err and "NaN or infinite" in err and "Traceback" not in err

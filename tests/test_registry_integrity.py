@@ -106,7 +106,8 @@ def test_same_size_corruption_is_caught_by_verify(tmp_path, registry_dir):
     text = target.read_text()
     target.write_text(text.replace('"x"', '"y"'))
     verify = cli("verify", "--registry", str(registry_dir), "pair/two")
-    assert verify.returncode == 1 and "does not match its sha256" in verify.stdout
+    assert verify.returncode == 1 and "was changed after it was committed" in verify.stdout
+    assert "set aside" in verify.stdout and not first.path("two").exists()  # no run can use it any more
 
 
 def test_names_cannot_escape_the_registry(tmp_path):

@@ -76,37 +76,97 @@ def source_files(source: DataSource, recipe_dir: Path) -> list[Path]:
 
 
 def _read_rows(source: DataSource, recipe_dir: Path) -> list[tuple[str, int, Any]]:
-    """(file label, 1-based row number, raw row) for every row of a source."""
+    """(file label, 1-based row number, raw row) for every row of a source. Rows are numbered by the
+    line they are on in .jsonl and .csv files (the header is line 1), by position elsewhere."""
     rows: list[tuple[str, int, Any]] = []
     if source.hub:
-        import datasets
-
         ds = load_hub_dataset(source)
         return [(source.label, i + 1, row) for i, row in enumerate(ds)]
     for file in source_files(source, recipe_dir):
         if file.suffix == ".jsonl":
-            # Read line by line (not through Arrow) so a bad row is reported by its line number and
-            # rows with differing shapes are each checked instead of failing the whole file.
-            for number, line in enumerate(file.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((str(file), number, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    rows.append((str(file), number, BadRow("", f"invalid JSON: {exc.msg}")))
+            rows.extend(_jsonl_rows(file))
         elif file.suffix == ".json":
             try:
-                data = json.loads(file.read_text())
+                data = json.loads(_utf8_text(file))
             except json.JSONDecodeError as exc:
                 raise UserError(f"{file}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
             if not isinstance(data, list):
                 raise UserError(f"{file}: a .json data file must hold a list of rows")
             rows.extend((str(file), i + 1, row) for i, row in enumerate(data))
+        elif file.suffix == ".csv":
+            rows.extend(_csv_rows(file))
         else:
             import datasets
 
-            ds = datasets.load_dataset(file.suffix[1:], data_files=str(file), split="train")
+            try:
+                ds = datasets.load_dataset(file.suffix[1:], data_files=str(file), split="train")
+            except Exception as exc:  # pyarrow and datasets raise many types for a damaged file
+                raise UserError(f"{file}: cannot be read as {file.suffix[1:]} ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
             rows.extend((str(file), i + 1, row) for i, row in enumerate(ds))
+    return rows
+
+
+def _check_text_bytes(file: Path, head: bytes) -> None:
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{file}: UTF-16 text; data files must be UTF-8 (save it again as UTF-8)")
+    if b"\x00" in head:
+        raise UserError(f"{file}: binary data, not a text file of rows")
+
+
+def _utf8_text(file: Path) -> str:
+    data = file.read_bytes()
+    _check_text_bytes(file, data[:8192])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(f"{file}: line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                        "save the file as UTF-8") from None
+
+
+def _jsonl_rows(file: Path) -> list[tuple[str, int, Any]]:
+    """Line by line (not through Arrow), so a bad row is reported by its line number and rows with
+    differing shapes are each checked instead of failing the whole file."""
+    rows = []
+    with open(file, "rb") as handle:
+        _check_text_bytes(file, handle.read(8192))
+        handle.seek(0)
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                rows.append((str(file), number, BadRow("", f"not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                                                            "save the file as UTF-8")))
+                continue
+            if not line.strip():
+                continue
+            try:
+                rows.append((str(file), number, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                rows.append((str(file), number, BadRow("", f"invalid JSON: {exc.msg}")))
+    return rows
+
+
+def _csv_rows(file: Path) -> list[tuple[str, int, Any]]:
+    """Every cell a string, as written (an answer `2` stays "2"); a row with more or fewer cells than
+    the header is a bad row on its own line."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(_utf8_text(file), newline=""))
+    header = next(reader, None)
+    if not header:
+        raise UserError(f"{file}: empty CSV file (no header row)")
+    rows = []
+    for cells in reader:
+        number = reader.line_num
+        if not cells:
+            continue
+        if len(cells) != len(header):
+            rows.append((str(file), number, BadRow("", f"has {len(cells)} cells, the header has {len(header)}")))
+            continue
+        rows.append((str(file), number, dict(zip(header, cells))))
     return rows
 
 

@@ -150,7 +150,18 @@ def read_index(folder: Path) -> dict[str, Any]:
     path = folder / INDEX
     if not path.is_file():
         raise UserError(f"{folder} holds no teacher logits ({INDEX} missing): is it a capture_logits entry?")
-    return json.loads(path.read_text())
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); the capture is damaged, run it again") from None
+    required = ("format", "k", "encoding", "vocab_size", "id_bits", "data_fingerprint", "shards")
+    missing = [key for key in required if not isinstance(index, dict) or key not in index]
+    if missing:
+        raise UserError(f"{path}: incomplete index, missing {', '.join(missing)}; the capture is damaged, run it again")
+    for i, item in enumerate(index["shards"]):
+        if not isinstance(item, dict) or "file" not in item or not (folder / str(item["file"])).is_file():
+            raise UserError(f"{path}: shards.{i} names no file that exists in {folder}")
+    return index
 
 
 def shard_meta(**fields: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from posttrain.errors import UserError
 from posttrain.registry.keys import short
-from posttrain.registry.locking import exclusive_lock
+from posttrain.registry.locking import exclusive_lock, is_locked, lock_if_free
 from posttrain.registry.paths import check_key, safe_child
 
 MANIFEST = "manifest.json"
@@ -74,12 +74,25 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file under `folder` (except the manifest), for the manifest."""
+    """Size, sha256, mtime and inode of every file under `folder` (except the manifest), for the manifest.
+
+    Size, mtime and inode are the cheap check before every reuse: writing into a file changes its
+    mtime, replacing it changes its inode. Only when they differ is the file hashed again."""
     files = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
-            files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+            stat = path.stat()
+            files[path.relative_to(folder).as_posix()] = {"size": stat.st_size, "sha256": sha256_file(path),
+                                                          "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
     return files
+
+
+def _make_read_only(folder: Path) -> None:
+    """Entries are never written again: their files lose their write bits (the folders keep theirs, so
+    `gc` can still remove them)."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(path.stat().st_mode & ~0o222)
 
 
 class Registry:
@@ -124,13 +137,20 @@ class Registry:
             raise CorruptEntry(f"entry {short(key)}: {MANIFEST} is unreadable ({exc})") from exc
         if manifest.get("key") != key:
             raise CorruptEntry(f"entry {short(key)}: manifest names key {str(manifest.get('key'))[:12]}")
-        for rel, meta in manifest.get("files", {}).items():
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            raise CorruptEntry(f"entry {short(key)}: its manifest lists no files")
+        for rel, meta in files.items():
             file = path / rel
             if not file.is_file():
                 raise CorruptEntry(f"entry {short(key)}: file {rel} is missing")
-            size = file.stat().st_size
-            if size != meta["size"]:
-                raise CorruptEntry(f"entry {short(key)}: file {rel} has {size} bytes, expected {meta['size']}")
+            stat = file.stat()
+            if stat.st_size != meta["size"]:
+                raise CorruptEntry(f"entry {short(key)}: file {rel} has {stat.st_size} bytes, expected {meta['size']}")
+            touched = (stat.st_mtime_ns != meta.get("mtime_ns", stat.st_mtime_ns)
+                       or stat.st_ino != meta.get("inode", stat.st_ino))
+            if touched and sha256_file(file) != meta["sha256"]:
+                raise CorruptEntry(f"entry {short(key)}: file {rel} was changed after it was committed")
         return Entry(key, path, manifest)
 
     def get(self, key: str) -> Entry | None:
@@ -199,6 +219,9 @@ class Registry:
 
     def commit(self, key: str, tmp: Path, manifest: dict[str, Any]) -> Entry:
         """Write the manifest last, then move the folder into place in one rename."""
+        if not tmp.is_dir() or not any(tmp.iterdir()):
+            raise CorruptEntry(f"entry {short(key)}: its build folder {tmp} is gone or empty; nothing committed")
+        _make_read_only(tmp)
         manifest = dict(manifest, key=key, format=MANIFEST_FORMAT, files=describe_files(tmp))
         _atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
         target = self.entry_dir(key)
@@ -252,23 +275,48 @@ class Registry:
                 todo.extend(entry.manifest.get("inputs", {}).values())
         return seen
 
+    def is_building(self, key: str) -> bool:
+        """Whether a live process is building `key` now (it holds the key's lock)."""
+        return is_locked(safe_child(self._dir("locks"), check_key(key) + ".lock"))
+
+    def remove(self, path: Path) -> bool:
+        """Remove one item `garbage` listed; a build folder or work folder only while no live process
+        builds its key (checked under the key's lock). Returns whether it was removed."""
+        key = path.name.split(".")[0]
+        if path.parent.name in ("tmp", "work") and len(key) == 64:
+            with lock_if_free(safe_child(self._dir("locks"), check_key(key) + ".lock")) as free:
+                if not free:
+                    return False
+                shutil.rmtree(path, ignore_errors=True)
+                return True
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        return True
+
     def garbage(self, include_work: bool = False) -> list[Path]:
-        """What `gc` would remove: entries no ref reaches, leftovers of killed builds, trash."""
+        """What `gc` would remove: entries no ref reaches, leftovers of killed builds, trash. Build and
+        work folders of keys a live process is building are never listed."""
         keep: set[str] = set()
         for key in self.refs().values():
             keep |= self.lineage(key)
         found = [self.entry_dir(k) for k in self.keys() if k not in keep]
-        for name in ("tmp", "trash"):
-            folder = self._dir(name)
-            if folder.is_dir():
-                found.extend(sorted(folder.iterdir()))
+        trash = self._dir("trash")
+        if trash.is_dir():
+            found.extend(sorted(trash.iterdir()))
+        tmp = self._dir("tmp")
+        if tmp.is_dir():
+            found.extend(p for p in sorted(tmp.iterdir()) if not self._live(p.name.split(".")[0]))
         work = self._dir("work")
         if work.is_dir():
             for path in sorted(work.iterdir()):
+                if self._live(path.name):
+                    continue
                 # A work folder of an unfinished entry is what a re-run resumes from: only on request.
                 if include_work or (self.entry_dir(path.name).exists() if len(path.name) == 64 else True):
                     found.append(path)
         return found
+
+    def _live(self, key: str) -> bool:
+        return len(key) == 64 and self.is_building(key)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -66,9 +66,53 @@ class EvalStage(Stage):
             return [("tasks", "nothing to evaluate: give tasks, perplexity, exact_match or preference")]
         if config.kl_to and not config.perplexity:
             return [("kl_to", "kl_to is measured on the perplexity data: give perplexity too")]
-        return []
+        problems = []
+        for i, folder in enumerate(config.task_dirs):
+            path = Path(folder).expanduser()
+            path = path if path.is_absolute() else recipe_dir / path
+            problems += [(f"task_dirs.{i}", message) for message in task_file_problems(path)]
+        return problems
+
 
     def run(self, config: EvalConfig, ctx: StageContext) -> dict[str, Any]:
         from posttrain.training.eval_run import run_eval
 
         return run_eval(config, ctx)
+
+
+def read_task_yaml(task_file: Path) -> dict[str, Any]:
+    """A local lm-eval task YAML, read safely. `!function` (lm-eval runs a Python function from the task
+    folder) is refused with its line: posttrain runs no code from data folders."""
+    import yaml
+
+    from posttrain.errors import UserError
+
+    class TaskLoader(yaml.SafeLoader):
+        pass
+
+    def refuse(loader, node):
+        raise UserError(f"{task_file}:{node.start_mark.line + 1}: `!function {node.value}` runs Python code from "
+                        "the task folder, which posttrain does not run; use a task without it")
+
+    TaskLoader.add_constructor("!function", refuse)
+    try:
+        data = yaml.load(task_file.read_text(encoding="utf-8"), Loader=TaskLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as exc:
+        raise UserError(f"{task_file}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{task_file}: a task file must be a mapping")
+    return data
+
+
+def task_file_problems(folder: Path) -> list[str]:
+    from posttrain.errors import UserError
+
+    if not folder.is_dir():
+        return [f"task folder not found: {folder}"]
+    problems = []
+    for task_file in sorted(folder.glob("*.yaml")):
+        try:
+            read_task_yaml(task_file)
+        except UserError as exc:
+            problems.append(str(exc))
+    return problems

@@ -45,3 +45,20 @@ def no_final_checkpoint():
             return control
 
     return NoFinalCheckpoint()
+
+
+def mean_train_loss(log_history: list[dict], fallback: float) -> float:
+    """The training loss over the whole run, from the logged losses weighted by the steps each covers.
+
+    The Trainer's own `training_loss` averages only the steps since the last resume (1.52 instead of
+    2.53 on the tiny flagship's SFT after a kill); the log history comes back from the checkpoint, so
+    this is the same number whether the run was interrupted or not. `fallback` when nothing was logged.
+    """
+    total, steps, previous = 0.0, 0, 0
+    for item in log_history:
+        if "loss" in item and "step" in item:
+            covered = int(item["step"]) - previous
+            total += float(item["loss"]) * covered
+            steps += covered
+            previous = int(item["step"])
+    return total / steps if steps else fallback

@@ -9,7 +9,7 @@ from posttrain.kd.losses import distill_loss
 from posttrain.kd.tokenizer_check import check_compatible
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
-from posttrain.training.checkpoints import last_complete_checkpoint, no_final_checkpoint
+from posttrain.training.checkpoints import last_complete_checkpoint, mean_train_loss, no_final_checkpoint
 from posttrain.training.distill_data import (LengthLimited, LogitsDatasetSequences, PackedSequences,
                                                  ShardSequences, collate)
 from posttrain.training.sft_run import device_defaults, load_chat_tokenizer, save_model_entry
@@ -132,7 +132,7 @@ def run_distill(config, ctx: StageContext) -> dict[str, Any]:
         "kd_loss": [{"step": h["step"], "value": h["kd_loss"]} for h in history if "kd_loss" in h],
         "ce_loss": [{"step": h["step"], "value": h["ce_loss"]} for h in history if "ce_loss" in h],
         "eval_loss": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
-        "final_train_loss": output.training_loss,
+        "final_train_loss": mean_train_loss(trainer.state.log_history, output.training_loss),
         "steps": trainer.state.global_step,
         "resumed_from_step": int(last.name.rsplit("-", 1)[1]) if last else 0,
         "train_seconds": round(seconds, 3),

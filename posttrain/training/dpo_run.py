@@ -8,7 +8,7 @@ from typing import Any
 from posttrain.data.sources import load_preferences
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
-from posttrain.training.checkpoints import last_complete_checkpoint, no_final_checkpoint
+from posttrain.training.checkpoints import last_complete_checkpoint, mean_train_loss, no_final_checkpoint
 from posttrain.training.splits import train_and_eval
 from posttrain.training.sft_run import device_defaults, load_chat_tokenizer, save_model_entry
 from posttrain.training.tokenize import chat_token_ids
@@ -104,7 +104,7 @@ def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
         {key.replace("/", "_"): value for key, value in series.items()},
         eval={key: [{"step": h["step"], "value": h[f"eval_{key}"]} for h in history if f"eval_{key}" in h]
               for key in ("loss",) + REWARD_KEYS},
-        final_train_loss=output.training_loss,
+        final_train_loss=mean_train_loss(trainer.state.log_history, output.training_loss),
         steps=trainer.state.global_step,
         resumed_from_step=int(last.name.rsplit("-", 1)[1]) if last else 0,
         train_seconds=round(seconds, 3),

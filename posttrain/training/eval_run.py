@@ -12,6 +12,7 @@ import yaml
 from posttrain.data.sources import load_conversations
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
+from posttrain.stages.evaluate import read_task_yaml
 from posttrain.training.tokenize import IGNORE, chat_token_ids, tokenize_row
 
 
@@ -31,7 +32,7 @@ def prepare_task_dirs(task_dirs: list[str], ctx: StageContext) -> Path | None:
         if not source.is_dir():
             raise UserError(f"task folder not found: {source}")
         for task_file in sorted(source.glob("*.yaml")):
-            data = yaml.safe_load(task_file.read_text())
+            data = read_task_yaml(task_file)
             files = (data.get("dataset_kwargs") or {}).get("data_files")
             if isinstance(files, dict):
                 data["dataset_kwargs"]["data_files"] = {

@@ -8,7 +8,7 @@ from typing import Any
 from posttrain.data.sources import load_conversations
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
-from posttrain.training.checkpoints import last_complete_checkpoint, no_final_checkpoint
+from posttrain.training.checkpoints import last_complete_checkpoint, mean_train_loss, no_final_checkpoint
 from posttrain.training.splits import train_and_eval
 from posttrain.training.tokenize import IGNORE, tokenize_row
 
@@ -171,7 +171,7 @@ def run_sft(config, ctx: StageContext) -> dict[str, Any]:
     metrics.update(
         loss=[{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         eval_loss=[{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
-        final_train_loss=output.training_loss,
+        final_train_loss=mean_train_loss(trainer.state.log_history, output.training_loss),
         steps=trainer.state.global_step,
         train_seconds=round(seconds, 3),
         resumed_from_step=int(last.name.rsplit("-", 1)[1]) if last else 0,
