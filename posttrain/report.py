@@ -170,7 +170,8 @@ def training_summary(report: Report) -> list[tuple[str, str, str]]:
     return lines
 
 
-DATA_COLUMNS = ("source", "rows_read", "rows_used", "skipped", "truncated", "dropped", "top skip reason")
+DATA_COLUMNS = ("source", "rows_read", "rows_used", "skipped", "truncated", "dropped", "contaminated",
+                "top skip reason")
 
 
 def data_rows(report: Report) -> list[list[str]]:
@@ -181,9 +182,22 @@ def data_rows(report: Report) -> list[list[str]]:
             reasons = source.get("skipped_by_reason") or {}
             top = max(reasons, key=reasons.get) if reasons else ""
             rows.append([name, str(source.get("source", "?")),
-                         *(str(source.get(k, "-")) for k in ("rows_read", "rows_used", "skipped", "truncated", "dropped")),
+                         *(str(source.get(k, "-")) for k in ("rows_read", "rows_used", "skipped", "truncated", "dropped",
+                                                             "contaminated")),
                          f"{top} ({reasons[top]})" if top else ""])
     return rows
+
+
+def decontamination_lines(report: Report) -> list[str]:
+    """One line per stage that decontaminated its data: policy and rows per benchmark."""
+    lines = []
+    for name, entry in report.entries.items():
+        summary = entry.manifest.get("metrics", {}).get("decontamination")
+        if summary:
+            tasks = ", ".join(f"{t}: {n}" for t, n in sorted(summary["by_task"].items())) or "none found"
+            lines.append(f"{name}: {summary['contaminated']} of {summary['checked']} rows contained evaluation items "
+                         f"({summary['policy']}; {tasks}); see removed.jsonl in the entry")
+    return lines
 
 
 def write(report: Report, registry: Registry, out: Path) -> dict[str, Path]:
@@ -201,6 +215,9 @@ def write(report: Report, registry: Registry, out: Path) -> dict[str, Path]:
     if data:
         md += ["## Data sources", "", "| stage | " + " | ".join(DATA_COLUMNS) + " |", "|---" * (len(DATA_COLUMNS) + 1) + "|"]
         md += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in data] + [""]
+    contamination = decontamination_lines(report)
+    if contamination:
+        md += ["## Decontamination", "", *(f"- {line}" for line in contamination), ""]
     md += ["## Lineage", "", f"![lineage]({lineage.name})", ""]
     for name, path in curves.items():
         md += [f"### {name}", "", f"![{name}]({path.name})", ""]
@@ -235,6 +252,9 @@ def _html(report: Report, curves: dict[str, Path], lineage: Path, summary, data:
                      + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in data]
         parts.append("</table>")
+    contamination = decontamination_lines(report)
+    if contamination:
+        parts.append("<h2>Decontamination</h2><ul>" + "".join(f"<li>{esc(x)}</li>" for x in contamination) + "</ul>")
     parts.append(f"<h2>Lineage</h2><img src='{lineage.name}' alt='lineage'>")
     for name, path in curves.items():
         parts.append(f"<h3>{esc(name)}</h3><img src='{path.name}' alt='{esc(name)} curves'>")

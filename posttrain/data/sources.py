@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from posttrain.data.eval_references import Decontamination
 from posttrain.data.formats import BadRow, Format, to_messages
 from posttrain.errors import UserError
 from posttrain.recipe.model import StrictModel
@@ -45,6 +46,10 @@ def local_data_files(config: "DataConfig") -> dict[str, str]:
     for i, s in enumerate(config.eval_sources or []):
         if s.path:
             found[f"data.eval_sources.{i}.path"] = s.path
+    if config.decontaminate:  # the evaluation references are part of what the data is
+        for group in ("files", "task_dirs"):
+            for i, value in enumerate(getattr(config.decontaminate, group)):
+                found[f"data.decontaminate.{group}.{i}"] = value
     return found
 
 
@@ -57,6 +62,8 @@ class DataConfig(StrictModel):
     warn_skipped_share: float = Field(0.1, ge=0, le=1, description="Warn when a source loses more than this "
                                                                      "share of its rows to bad-row skips.")
     max_length: int = Field(1024, gt=0, description="Tokens per sample.")
+    decontaminate: Decontamination | None = Field(
+        None, description="Check rows against evaluation items first (drop or flag the ones that contain one).")
     overlong: Literal["truncate", "drop"] = "truncate"
 
 
@@ -264,8 +271,9 @@ def load_rows(config: DataConfig, recipe_dir: Path, seed: int, normalise) -> tup
     rng = random.Random(seed)
     mixture: list[dict] = []
     stats: dict[str, Any] = {"rows_read": 0, "bad_rows_skipped": 0, "sources": [], "warnings": []}
+    checker = Contamination(config.decontaminate, recipe_dir) if config.decontaminate else None
     for index, source in enumerate(config.sources):
-        kept, skipped, read = [], {}, 0
+        kept, skipped, read, contaminated = [], {}, 0, 0
         for file, number, raw in _read_rows(source, recipe_dir):
             read += 1
             try:
@@ -274,7 +282,7 @@ def load_rows(config: DataConfig, recipe_dir: Path, seed: int, normalise) -> tup
                 if not isinstance(raw, dict):
                     raise BadRow("", "a row must be a mapping")
                 row = {source.columns.get(k, k): v for k, v in raw.items()}
-                kept.append({**normalise(row, source), "source": index})
+                kept.append(({"file": file, "row": number}, {**normalise(row, source), "source": index}))
             except BadRow as bad:
                 if config.on_bad_rows == "error":
                     where = f" field {bad.field}:" if bad.field else ""
@@ -282,6 +290,9 @@ def load_rows(config: DataConfig, recipe_dir: Path, seed: int, normalise) -> tup
                                     "(fix the row, or set on_bad_rows: skip)") from None
                 reason = skip_reason(bad)
                 skipped[reason] = skipped.get(reason, 0) + 1
+        if checker:
+            kept, contaminated = checker.filter(kept, source.label)
+        kept = [row for _, row in kept]
         rng.shuffle(kept)
         if source.weight is not None:
             whole, frac = divmod(source.weight, 1)
@@ -292,20 +303,86 @@ def load_rows(config: DataConfig, recipe_dir: Path, seed: int, normalise) -> tup
         stats["rows_read"] += read
         stats["bad_rows_skipped"] += lost
         stats["sources"].append({"source": source.label, "rows_read": read, "rows_used": len(kept),
-                                 "skipped": lost, "skipped_by_reason": skipped})
+                                 "skipped": lost, "skipped_by_reason": skipped,
+                                 **({"contaminated": contaminated} if checker else {})})
         if read and lost / read > config.warn_skipped_share:
             top = max(skipped, key=skipped.get)
             message = (f"{source.label}: {lost} of {read} rows ({lost / read:.0%}) skipped as bad; most often: "
                        f"{top} ({skipped[top]})")
             stats["warnings"].append(message)
             logging.getLogger("posttrain.data").warning("%s", message)
-        if not kept:
+        if not kept and contaminated and checker.config.policy == "drop":
+            message = f"{source.label}: all {contaminated} usable rows contain evaluation items; it contributes nothing"
+            stats["warnings"].append(message)
+            logging.getLogger("posttrain.data").warning("%s", message)
+        elif not kept:
             reasons = "; ".join(f"{r} ({n})" for r, n in sorted(skipped.items(), key=lambda x: -x[1])[:3])
             raise UserError(f"{source.label}: no usable rows" + (f" ({lost} skipped: {reasons})" if lost else ""))
         mixture.extend(kept)
     rng.shuffle(mixture)
     stats["rows_used"] = len(mixture)
+    if checker:
+        stats.update(checker.summary(stats["rows_read"] - stats["bad_rows_skipped"]))
     return mixture, stats
+
+
+class Contamination:
+    """Checks normalised rows against the evaluation items and remembers what it found."""
+
+    def __init__(self, config: Decontamination, recipe_dir: Path):
+        from posttrain.data.decontam import Index
+        from posttrain.data.eval_references import reference_items
+
+        self.config = config
+        self.index = Index.build(reference_items(config, recipe_dir), n=config.n, min_words=config.min_words)
+        self.found: list[dict[str, Any]] = []
+
+    def filter(self, rows: list[tuple[dict, dict]], source: str) -> tuple[list[tuple[dict, dict]], int]:
+        """The rows to keep (all of them when flagging) and how many were contaminated; every hit is
+        remembered for removed.jsonl. Large sources are checked by worker processes, with a progress bar."""
+        from tqdm.auto import tqdm
+
+        from posttrain.data.decontam import scan
+
+        workers = self.config.workers if len(rows) >= 20000 else 1
+        kept, hits = [], 0
+        progress = tqdm(total=len(rows), unit="rows", desc=f"decontaminating {source}", disable=len(rows) < 20000)
+        for where, row, match in scan(rows, self.index, workers=workers):
+            progress.update()
+            if match is not None:
+                hits += 1
+                self.found.append({**where, "source": source, "task": match.task, "item": match.item,
+                                   "matched": match.piece, "ngram": match.ngram, "action": self.config.policy})
+                if self.config.policy == "drop":
+                    continue
+            kept.append((where, row))
+        progress.close()
+        return kept, hits
+
+    def summary(self, checked: int) -> dict[str, Any]:
+        by_task: dict[str, int] = {}
+        for hit in self.found:
+            by_task[hit["task"]] = by_task.get(hit["task"], 0) + 1
+        share = len(self.found) / checked if checked else 0.0
+        if self.config.fail_above is not None and share > self.config.fail_above:
+            tasks = ", ".join(f"{t} ({n})" for t, n in sorted(by_task.items(), key=lambda x: -x[1]))
+            raise UserError(f"{len(self.found)} of {checked} training rows ({share:.1%}) contain evaluation items, "
+                            f"above fail_above {self.config.fail_above:.1%}: {tasks}")
+        return {"decontamination": {"policy": self.config.policy, "n": self.config.n, "checked": checked,
+                                    "contaminated": len(self.found), "by_task": by_task,
+                                    "evaluation_pieces": self.index.pieces},
+                "decontaminated_rows": len(self.found) if self.config.policy == "drop" else 0,
+                "_contaminated": self.found}
+
+
+def write_contamination_report(stats: dict[str, Any], out_dir: Path) -> None:
+    """removed.jsonl (one line per removed or flagged row: file, row, task, item, matched n-gram) into
+    the entry; the manifest keeps the counts."""
+    found = stats.pop("_contaminated", None)
+    if found:
+        with open(out_dir / "removed.jsonl", "w", encoding="utf-8") as handle:
+            for hit in found:
+                handle.write(json.dumps(hit, ensure_ascii=False) + "\n")
 
 
 def skip_reason(bad: BadRow) -> str:

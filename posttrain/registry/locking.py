@@ -31,16 +31,8 @@ def is_locked(path: Path) -> bool:
     """Whether some live process holds the lock at `path` (a killed holder's lock is free again)."""
     if not path.exists():
         return False
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
+    with lock_if_free(path) as free:
+        return not free
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from posttrain.data.sources import DataConfig, local_data_files
 from posttrain.recipe.model import StrictModel
+from posttrain.eval_tasks import task_file_problems
 from posttrain.stages.base import Stage, StageConfig, StageContext
 
 
@@ -78,41 +79,3 @@ class EvalStage(Stage):
         from posttrain.training.eval_run import run_eval
 
         return run_eval(config, ctx)
-
-
-def read_task_yaml(task_file: Path) -> dict[str, Any]:
-    """A local lm-eval task YAML, read safely. `!function` (lm-eval runs a Python function from the task
-    folder) is refused with its line: posttrain runs no code from data folders."""
-    import yaml
-
-    from posttrain.errors import UserError
-
-    class TaskLoader(yaml.SafeLoader):
-        pass
-
-    def refuse(loader, node):
-        raise UserError(f"{task_file}:{node.start_mark.line + 1}: `!function {node.value}` runs Python code from "
-                        "the task folder, which posttrain does not run; use a task without it")
-
-    TaskLoader.add_constructor("!function", refuse)
-    try:
-        data = yaml.load(task_file.read_text(encoding="utf-8"), Loader=TaskLoader)  # noqa: S506 - a SafeLoader
-    except yaml.YAMLError as exc:
-        raise UserError(f"{task_file}: not valid YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{task_file}: a task file must be a mapping")
-    return data
-
-
-def task_file_problems(folder: Path) -> list[str]:
-    from posttrain.errors import UserError
-
-    if not folder.is_dir():
-        return [f"task folder not found: {folder}"]
-    problems = []
-    for task_file in sorted(folder.glob("*.yaml")):
-        try:
-            read_task_yaml(task_file)
-        except UserError as exc:
-            problems.append(str(exc))
-    return problems

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from posttrain.data.sources import load_conversations
+from posttrain.data.sources import load_conversations, write_contamination_report
 from posttrain.kd.shards import read_shard, shard_meta, write_index, write_shard
 from posttrain.kd.tokenizer_check import special_token_ids, tokenizer_hash
 from posttrain.errors import UserError
@@ -78,6 +78,7 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
     teacher_entry = ctx.inputs["teacher"]
     tokenizer = load_chat_tokenizer(teacher_entry.path, config.chat_template, ctx)
     rows, stats = load_conversations(config.data, ctx.recipe_dir, ctx.seed)
+    write_contamination_report(stats, ctx.out_dir)
     sequences, masks, truncated = [], [], 0
     for row in rows:
         ids, labels, was_truncated = tokenize_row(tokenizer, row, config.data.max_length, assistant_only="messages" in row)

@@ -5,7 +5,7 @@ import json
 import time
 from typing import Any
 
-from posttrain.data.sources import load_preferences
+from posttrain.data.sources import load_preferences, write_contamination_report
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
 from posttrain.training.checkpoints import last_complete_checkpoint, mean_train_loss, no_final_checkpoint
@@ -21,6 +21,7 @@ def build_preference_datasets(config, tokenizer, ctx: StageContext):
         raise UserError("the model's tokenizer has no chat template; set base.chat_template (e.g. llama-3.1) "
                         "or the stage's chat_template")
     rows, stats = load_preferences(config.data, ctx.recipe_dir, ctx.seed)
+    write_contamination_report(stats, ctx.out_dir)
     kept, counts = _filter_overlong(rows, config, tokenizer)
     if not kept:
         raise UserError("no preference pairs left after dropping over-long rows (raise data.max_length)")

@@ -3,43 +3,22 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from posttrain.data.sources import load_conversations
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
-from posttrain.stages.evaluate import read_task_yaml
+from posttrain.eval_tasks import copy_task_dirs
 from posttrain.training.tokenize import IGNORE, chat_token_ids, tokenize_row
 
 
 def prepare_task_dirs(task_dirs: list[str], ctx: StageContext) -> Path | None:
-    """Copy local task YAMLs to the work folder with their data_files made absolute.
-
-    lm-eval hands `data_files` to datasets, which resolves relative paths against the current
-    directory; recipes (and their task folders) must work from anywhere.
-    """
+    """The recipe's task folders, copied to the work folder with their data files made absolute."""
     if not task_dirs:
         return None
-    target = ctx.work_dir / "tasks"
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
-    for i, folder in enumerate(task_dirs):
-        source = ctx.resolve(folder)
-        if not source.is_dir():
-            raise UserError(f"task folder not found: {source}")
-        for task_file in sorted(source.glob("*.yaml")):
-            data = read_task_yaml(task_file)
-            files = (data.get("dataset_kwargs") or {}).get("data_files")
-            if isinstance(files, dict):
-                data["dataset_kwargs"]["data_files"] = {
-                    split: str((source / path).resolve()) if not Path(path).is_absolute() else path
-                    for split, path in files.items()}
-            (target / f"{i}-{task_file.name}").write_text(yaml.safe_dump(data, sort_keys=False))
-    return target
+    return copy_task_dirs([ctx.resolve(folder) for folder in task_dirs], ctx.work_dir / "tasks")
 
 
 def run_eval(config, ctx: StageContext) -> dict[str, Any]:

@@ -5,7 +5,7 @@ import shutil
 import time
 from typing import Any
 
-from posttrain.data.sources import load_conversations
+from posttrain.data.sources import load_conversations, write_contamination_report
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
 from posttrain.training.checkpoints import last_complete_checkpoint, mean_train_loss, no_final_checkpoint
@@ -16,6 +16,7 @@ from posttrain.training.tokenize import IGNORE, tokenize_row
 def build_dataset(config, tokenizer, ctx: StageContext):
     """Tokenised train (and eval) datasets plus data metrics."""
     rows, stats = load_conversations(config.data, ctx.recipe_dir, ctx.seed)
+    write_contamination_report(stats, ctx.out_dir)
     records, counts = _tokenize(rows, config, tokenizer, stats["sources"])
     if not records:
         raise UserError(f"no training samples left after dropping over-long rows from {_labels(config)} "
