@@ -130,9 +130,10 @@ def estimate(kind: str, config: Any, arch: Architecture, processes: int) -> str:
         return (f"~{_bytes(total)}/device ({_count(p)} params, {shard}, batch {batch} x {seq}"
                 f"{', checkpointing' if checkpointing else ''})")
     if kind == "capture_logits":
-        # bf16 logits, their valid-position copy and two fp32 log-softmax buffers: 12 bytes a logit
-        # (a 1.2B teacher at 4 x 1024 tokens peaked at 8.24 GiB on an H100; this gives 8.2).
-        logits = 12 * getattr(config, "batch_size", 8) * seq * arch.vocab
+        # Logits are made 1024 positions at a time: bf16 logits, fp32 log-softmax and a masked copy for the
+        # tail (~12 bytes a logit) of one chunk, plus the batch's hidden states and activations.
+        logits = 12 * min(1024, getattr(config, "batch_size", 8) * seq) * arch.vocab
+        logits += 34 * getattr(config, "batch_size", 8) * seq * arch.hidden
         return f"~{_bytes(2 * p + logits)} on one device (teacher inference)"
     if kind == "merge":
         return f"~{_bytes(2 * p)} RAM (one bf16 output shard buffer plus mmap'd inputs)"

@@ -140,7 +140,9 @@ def test_corrupt_shard_is_one_clear_error(tmp_path, capsys):
     shard.write_bytes(bytes(data))
     shard.chmod(before.st_mode)
     os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert main(["run", str(recipe), "stages.distill.alpha=0.5"]) == 2
+    # Shards are checked as they are read: one epoch (40 steps of 8 > 256 sequences) reads every sequence.
+    assert main(["run", str(recipe), "stages.distill.alpha=0.5", "stages.distill.training.max_steps=40",
+                 "stages.distill.training.per_device_train_batch_size=8"]) == 2
     err = capsys.readouterr().err
     assert f"teacher-logit shard {shard}" in err and "NaN or infinite" in err and "Traceback" not in err
 

@@ -22,20 +22,35 @@ def id_bits(vocab_size: int) -> int:
     return max(1, math.ceil(math.log2(vocab_size)))
 
 
+CHUNK_ROWS = 4096  # rows packed or unpacked at a time: transient memory is bounded, whatever the input
+
+
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     """[..., k] unsigned ints < 2**bits -> [..., ceil(k*bits/8)] uint8 (little-endian bit order)."""
-    values = np.ascontiguousarray(values, dtype=np.uint64)
+    values = np.asarray(values)
     k = values.shape[-1]
-    shifts = np.arange(bits, dtype=np.uint64)
-    bit_array = ((values[..., None] >> shifts) & np.uint64(1)).astype(np.uint8)  # [..., k, bits]
-    return np.packbits(bit_array.reshape(*values.shape[:-1], k * bits), axis=-1, bitorder="little")
+    flat = values.reshape(-1, k)
+    out = np.empty((len(flat), -(-k * bits // 8)), dtype=np.uint8)
+    shifts = np.arange(bits, dtype=np.uint32 if bits <= 32 else np.uint64)
+    for start in range(0, len(flat), CHUNK_ROWS):
+        part = flat[start:start + CHUNK_ROWS].astype(shifts.dtype)
+        bit_array = ((part[..., None] >> shifts) & 1).astype(np.uint8)  # [rows, k, bits]
+        out[start:start + CHUNK_ROWS] = np.packbits(bit_array.reshape(len(part), k * bits), axis=-1,
+                                                    bitorder="little")
+    return out.reshape(*values.shape[:-1], out.shape[-1])
 
 
 def unpack_bits(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
     """Inverse of pack_bits: [..., ceil(k*bits/8)] uint8 -> [..., k] int64."""
-    flat = np.unpackbits(packed, axis=-1, count=k * bits, bitorder="little")
-    bit_array = flat.reshape(*packed.shape[:-1], k, bits).astype(np.int64)
-    return (bit_array << np.arange(bits, dtype=np.int64)).sum(axis=-1)
+    packed = np.asarray(packed)
+    flat = packed.reshape(-1, packed.shape[-1])
+    out = np.empty((len(flat), k), dtype=np.int64)
+    weights = (np.int64(1) << np.arange(bits, dtype=np.int64))
+    for start in range(0, len(flat), CHUNK_ROWS):
+        part = flat[start:start + CHUNK_ROWS]
+        bit_array = np.unpackbits(part, axis=-1, count=k * bits, bitorder="little").reshape(len(part), k, bits)
+        out[start:start + CHUNK_ROWS] = bit_array @ weights
+    return out.reshape(*packed.shape[:-1], k)
 
 
 @dataclass(frozen=True)

@@ -45,17 +45,9 @@ class Shard:
     def sequence(self, index: int) -> dict[str, np.ndarray]:
         """One sequence's tokens and unpacked targets."""
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
-        k = int(self.meta["k"])
-        codec = ValueCodec(self.meta["encoding"])
-        row = {
-            "input_ids": self.input_ids[start:end].astype(np.int64),
-            "loss_mask": self.loss_mask[start:end].astype(bool),
-            "target_ids": unpack_bits(self.packed_ids[start:end], int(self.meta["id_bits"]), k),
-            "target_values": codec.decode(self.stored_values[start:end], k),
-        }
-        if self.tail_logp is not None:
-            row["target_tail"] = self.tail_logp[start:end].astype(np.float32)
-        return row
+        tail = self.tail_logp[start:end] if self.tail_logp is not None else None
+        return _decode(self.meta, self.input_ids[start:end], self.loss_mask[start:end],
+                       self.packed_ids[start:end], self.stored_values[start:end], tail)
 
 
 def write_shard(path: Path, sequences: list[list[int]], loss_masks: list[list[int]], ids: np.ndarray,
@@ -85,61 +77,138 @@ def write_shard(path: Path, sequences: list[list[int]], loss_masks: list[list[in
     return codec.decode(tensors["topk_values"], logp.shape[-1])
 
 
+REQUIRED = ("input_ids", "offsets", "loss_mask", "topk_ids", "topk_values")
+
+
+class LazyShard:
+    """A shard read on demand. Opening reads the header and the sequence offsets only and checks the
+    shapes; each sequence's slices are read (memory-mapped) when asked for, and their contents checked
+    then. Memory does not depend on the size or number of shards."""
+
+    def __init__(self, path: Path, expect: dict[str, Any] | None = None):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self.where = f"teacher-logit shard {self.path}"
+        try:
+            with safe_open(str(self.path), framework="numpy") as handle:
+                raw_meta = handle.metadata() or {}
+                shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
+                offsets = handle.get_tensor("offsets") if "offsets" in shapes else None
+        except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
+            raise UserError(f"{self.where} is unreadable (truncated or not safetensors): {exc}") from exc
+        try:
+            self.meta = {key: json.loads(value) for key, value in raw_meta.items()}
+        except ValueError as exc:
+            raise UserError(f"{self.where}: metadata is not valid JSON ({exc})") from exc
+        missing = [n for n in REQUIRED if n not in shapes]
+        if missing or self.meta.get("format") != FORMAT:
+            raise UserError(f"{self.where}: not a {FORMAT} shard (missing {missing or 'format tag'})")
+        self.offsets, self.has_tail = offsets, "tail_logp" in shapes
+        _check_header(self.where, self.meta, expect or {}, shapes, offsets)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets).astype(np.int64)
+
+    def sequence(self, index: int) -> dict[str, np.ndarray]:
+        from safetensors import safe_open
+
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        names = [*REQUIRED[:1], *REQUIRED[2:], *(["tail_logp"] if self.has_tail else [])]
+        try:
+            with safe_open(str(self.path), framework="numpy") as handle:
+                part = {name: handle.get_slice(name)[start:end] for name in names}
+        except Exception as exc:  # noqa: BLE001 - the file changed or broke since it was opened
+            raise UserError(f"{self.where} is unreadable (truncated or not safetensors): {exc}") from exc
+        row = _decode(self.meta, part["input_ids"], part["loss_mask"], part["topk_ids"], part["topk_values"],
+                      part.get("tail_logp"))
+        _check_rows(f"{self.where}, sequence {index + 1}", self.meta, row, first_position=start)
+        return row
+
+
 def read_shard(path: Path, expect: dict[str, Any] | None = None) -> Shard:
-    """Load and validate a shard; every problem is a UserError naming the file and what is wrong."""
+    """Load a whole shard and validate all of it; every problem is a UserError naming the file."""
     from safetensors import safe_open
 
+    lazy = LazyShard(path, expect)  # header, offsets and shapes first
     try:
         with safe_open(str(path), framework="numpy") as handle:
-            raw_meta = handle.metadata() or {}
             arrays = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise UserError(f"teacher-logit shard {path} is unreadable (truncated or not safetensors): {exc}") from exc
-    try:
-        meta = {key: json.loads(value) for key, value in raw_meta.items()}
-    except ValueError as exc:
-        raise UserError(f"teacher-logit shard {path}: metadata is not valid JSON ({exc})") from exc
-    missing = [n for n in ("input_ids", "offsets", "loss_mask", "topk_ids", "topk_values") if n not in arrays]
-    if missing or meta.get("format") != FORMAT:
-        raise UserError(f"teacher-logit shard {path}: not a {FORMAT} shard (missing {missing or 'format tag'})")
-    shard = Shard(path, meta, arrays["input_ids"], arrays["offsets"], arrays["loss_mask"], arrays["topk_ids"],
-                  arrays["topk_values"], arrays.get("tail_logp"))
+    shard = Shard(Path(path), lazy.meta, arrays["input_ids"], arrays["offsets"], arrays["loss_mask"],
+                  arrays["topk_ids"], arrays["topk_values"], arrays.get("tail_logp"))
     validate_shard(shard, expect or {})
     return shard
 
 
-def validate_shard(shard: Shard, expect: dict[str, Any]) -> None:
-    meta, where = shard.meta, f"teacher-logit shard {shard.path}"
+def _decode(meta, input_ids, loss_mask, packed_ids, stored_values, tail) -> dict[str, np.ndarray]:
+    k = int(meta["k"])
+    row = {"input_ids": input_ids.astype(np.int64), "loss_mask": loss_mask.astype(bool),
+           "target_ids": unpack_bits(packed_ids, int(meta["id_bits"]), k),
+           "target_values": ValueCodec(meta["encoding"]).decode(stored_values, k)}
+    if tail is not None:
+        row["target_tail"] = tail.astype(np.float32)
+    return row
+
+
+def _check_header(where: str, meta: dict, expect: dict, shapes: dict[str, list[int]], offsets) -> None:
     for key, value in expect.items():
         if meta.get(key) != value:
             raise UserError(f"{where}: {key} is {meta.get(key)!r}, the index says {value!r}")
-    total = len(shard.input_ids)
-    k, bits, vocab = int(meta["k"]), int(meta["id_bits"]), int(meta["vocab_size"])
-    offsets = shard.offsets
-    if offsets[0] != 0 or offsets[-1] != total or np.any(np.diff(offsets) <= 0):
+    total = shapes["input_ids"][0] if shapes["input_ids"] else 0
+    k, bits = int(meta["k"]), int(meta["id_bits"])
+    if offsets is None or offsets[0] != 0 or offsets[-1] != total or np.any(np.diff(offsets) <= 0):
         raise UserError(f"{where}: sequence offsets do not match the {total} input_ids")
-    if len(shard.loss_mask) != total:
-        raise UserError(f"{where}: loss_mask has {len(shard.loss_mask)} positions, input_ids has {total}")
-    if shard.packed_ids.shape != (total, -(-k * bits // 8)):
-        raise UserError(f"{where}: topk_ids has shape {shard.packed_ids.shape}, expected ({total}, {-(-k * bits // 8)})")
-    if np.any(shard.input_ids < 0) or np.any(shard.input_ids >= vocab):
+    if shapes["loss_mask"] != [total]:
+        raise UserError(f"{where}: loss_mask has {shapes['loss_mask']} positions, input_ids has {total}")
+    if shapes["topk_ids"] != [total, -(-k * bits // 8)]:
+        raise UserError(f"{where}: topk_ids has shape {tuple(shapes['topk_ids'])}, expected ({total}, {-(-k * bits // 8)})")
+    if shapes["topk_values"][:1] != [total]:
+        raise UserError(f"{where}: topk_values has {shapes['topk_values'][:1]} positions, input_ids has {total}")
+    if "tail_logp" in shapes and shapes["tail_logp"] != [total]:
+        raise UserError(f"{where}: tail_logp must hold one log-probability per position")
+
+
+def _check_rows(where: str, meta: dict, row: dict[str, np.ndarray], first_position: int = 0) -> None:
+    vocab, k = int(meta["vocab_size"]), int(meta["k"])
+    if np.any(row["input_ids"] < 0) or np.any(row["input_ids"] >= vocab):
         raise UserError(f"{where}: input_ids outside the vocabulary (size {vocab})")
-    ids = unpack_bits(shard.packed_ids, bits, k)
+    ids, values = row["target_ids"], row["target_values"]
     if np.any(ids >= vocab):
-        bad = int(np.argwhere(ids >= vocab)[0][0])
+        bad = first_position + int(np.argwhere(ids >= vocab)[0][0])
         raise UserError(f"{where}: position {bad} has a target id >= vocab size {vocab}")
-    values = ValueCodec(meta["encoding"]).decode(shard.stored_values, k)
-    if values.shape != (total, k):
-        raise UserError(f"{where}: topk_values has shape {values.shape}, expected ({total}, {k})")
+    if values.shape != ids.shape or values.shape[-1:] != (k,):
+        raise UserError(f"{where}: topk_values has shape {values.shape}, expected {ids.shape}")
     broken = np.isnan(values) | (values == np.inf)  # -inf is a stored zero probability
     if np.any(broken):
-        bad = int(np.argwhere(broken)[0][0])
+        bad = first_position + int(np.argwhere(broken)[0][0])
         raise UserError(f"{where}: position {bad} has a NaN or infinite target value")
-    if shard.tail_logp is not None:
-        if shard.tail_logp.shape != (total,) or np.any(np.isnan(shard.tail_logp)) or np.any(shard.tail_logp > 1e-3):
-            raise UserError(f"{where}: tail_logp must hold one log-probability <= 0 per position")
+    tail = row.get("target_tail")
+    if tail is not None and (np.any(np.isnan(tail)) or np.any(tail > 1e-3)):
+        raise UserError(f"{where}: tail_logp must hold one log-probability <= 0 per position")
     if meta.get("values") == "logprobs" and np.any(values > 1e-3):
         raise UserError(f"{where}: stored log-probs must be <= 0")
+
+
+def validate_shard(shard: Shard, expect: dict[str, Any]) -> None:
+    """Every check of a whole shard (header and contents), in bounded pieces of sequences."""
+    where = f"teacher-logit shard {shard.path}"
+    shapes = {"input_ids": list(shard.input_ids.shape), "loss_mask": list(shard.loss_mask.shape),
+              "topk_ids": list(shard.packed_ids.shape), "topk_values": [len(shard.stored_values)],
+              **({"tail_logp": list(shard.tail_logp.shape)} if shard.tail_logp is not None else {})}
+    _check_header(where, shard.meta, expect, shapes, shard.offsets)
+    step = 4096  # positions per check: unpacking is bounded, whatever the shard size
+    for start in range(0, len(shard.input_ids), step):
+        end = start + step
+        tail = shard.tail_logp[start:end] if shard.tail_logp is not None else None
+        row = _decode(shard.meta, shard.input_ids[start:end], shard.loss_mask[start:end],
+                      shard.packed_ids[start:end], shard.stored_values[start:end], tail)
+        _check_rows(where, shard.meta, row, first_position=start)
 
 
 def write_index(folder: Path, meta: dict[str, Any], shards: list[dict[str, Any]]) -> None:

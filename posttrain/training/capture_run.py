@@ -18,6 +18,9 @@ from posttrain.training.sft_run import load_chat_tokenizer
 from posttrain.training.tokenize import IGNORE, tokenize_row
 
 
+POSITION_CHUNK = 1024  # positions whose logits exist at once (1024 x 128256 fp32 = 0.5 GB)
+
+
 def sparse_targets(logits, k: int, mode: str, temperature: float, generator=None):
     """[n, V] teacher logits -> ids [n, k], full-vocabulary log-probs [n, k] and the log of the mass
     outside the stored ids [n] (exact, before any quantisation; -inf when nothing is left), float32."""
@@ -92,6 +95,7 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(teacher_entry.path, dtype="auto").to(device).eval()
     vocab = model.config.vocab_size
+    head = model.get_output_embeddings()
     if config.mode == "topk" and config.k > vocab:
         raise UserError(f"k = {config.k} is larger than the teacher's vocabulary ({vocab})")
     data_hash = hashlib.sha256(json.dumps(sequences).encode()).hexdigest()
@@ -132,13 +136,18 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
             for row, seq in enumerate(batch):
                 input_ids[row, :len(seq)] = torch.tensor(seq)
                 attention[row, :len(seq)] = 1
-            with torch.no_grad():
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
             valid = attention.bool().to(device)
-            ids, values, tails = sparse_targets(logits[valid], meta["k"], config.mode, config.temperature, generator)
-            ids_parts.append(ids.cpu().numpy())
-            value_parts.append(values.cpu().numpy())
-            tail_parts.append(tails.cpu().numpy())
+            with torch.no_grad():
+                # Hidden states for the whole batch, logits only POSITION_CHUNK positions at a time: the
+                # [batch, length, vocab] logits and their fp32 log-softmax never exist at once.
+                hidden = model.get_decoder()(input_ids=input_ids.to(device),
+                                             attention_mask=attention.to(device)).last_hidden_state[valid]
+                for start_position in range(0, len(hidden), POSITION_CHUNK):
+                    logits = head(hidden[start_position:start_position + POSITION_CHUNK])
+                    ids, values, tails = sparse_targets(logits, meta["k"], config.mode, config.temperature, generator)
+                    ids_parts.append(ids.cpu().numpy())
+                    value_parts.append(values.cpu().numpy())
+                    tail_parts.append(tails.cpu().numpy())
             bar.update(int(valid.sum()))
         ids_np, values_np, tails_np = np.concatenate(ids_parts), np.concatenate(value_parts), np.concatenate(tail_parts)
         stored = write_shard(path, sequences[group], masks[group], ids_np, values_np, meta, tails_np)

@@ -6,32 +6,35 @@ from typing import Any
 
 import numpy as np
 
-from posttrain.kd.shards import read_index, read_shard
+from posttrain.kd.shards import LazyShard, read_index
 from posttrain.errors import UserError
 
 
 class ShardSequences:
-    """Every sequence of a capture entry, read shard by shard (validated on load)."""
+    """Every sequence of a capture entry, read lazily: each shard's header and offsets are checked when
+    it is opened, each sequence is read (memory-mapped) and checked when it is asked for. Memory does
+    not grow with the number or size of shards."""
 
     def __init__(self, folder: Path):
         self.index = read_index(folder)
         expect = {k: self.index[k] for k in ("k", "encoding", "vocab_size", "data_fingerprint")}
-        self.shards = [read_shard(folder / item["file"], expect) for item in self.index["shards"]]
-        self.items = [(s, i) for s in range(len(self.shards)) for i in range(self.shards[s].num_sequences)]
+        self.shards = [LazyShard(folder / item["file"], expect) for item in self.index["shards"]]
+        counts = np.array([shard.num_sequences for shard in self.shards], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
 
     @property
     def meta(self) -> dict[str, Any]:
         return {k: v for k, v in self.index.items() if k != "shards"}
 
     def __len__(self) -> int:
-        return len(self.items)
+        return int(self._starts[-1])
 
     def lengths(self) -> np.ndarray:
-        return np.concatenate([np.diff(shard.offsets) for shard in self.shards]).astype(np.int64)
+        return np.concatenate([shard.lengths() for shard in self.shards]) if self.shards else np.zeros(0, np.int64)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        shard, seq = self.items[index]
-        return self.shards[shard].sequence(seq)
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self.shards[shard].sequence(index - int(self._starts[shard]))
 
 
 class LogitsDatasetSequences:
