@@ -94,6 +94,8 @@ def launch_command(args, launch=None, recipe_dir: Path | None = None) -> list[st
         inner += ["--profile", args.profile]
     if args.registry:
         inner += ["--registry", args.registry]
+    if getattr(args, "verbose", False):
+        inner += ["--verbose"]
     if args.launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc or 2), *inner]
     command = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -121,7 +123,7 @@ def cmd_run(args) -> int:
         sys.stdout = open(os.devnull, "w")
     started = time.time()
     try:
-        result = run(loaded, registry=args.registry)
+        result = run(loaded, registry=args.registry, quiet=not args.verbose)
     except StageFailed as exc:
         print(f"posttrain: {exc}", file=sys.stderr)
         if "resume with" not in str(exc):
@@ -132,6 +134,7 @@ def cmd_run(args) -> int:
         return 130
     print(f"{len(result.ran)} ran, {len(result.cached)} cached in {time.time() - started:.1f}s; "
           f"refs under {loaded.ref_namespace}/ in {result.registry.root}")
+    print("\n".join(_summary_table(result)))
     if loaded.recipe.gates:
         from posttrain.gates import check_gates
 
@@ -143,6 +146,20 @@ def cmd_run(args) -> int:
             print(f"posttrain: {len(failed)} quality gate(s) failed: {', '.join(failed)}", file=sys.stderr)
             return 3
     return 0
+
+
+def _summary_table(result) -> list[str]:
+    """stage, kind, status, time and the key metric of every stage of the run."""
+    rows = [("stage", "kind", "status", "time", "key metric")]
+    for name, entry in result.entries.items():
+        metrics = entry.manifest.get("metrics", {})
+        seconds = entry.manifest.get("timings", {}).get("seconds")
+        key_metric = next((f"{k} {metrics[k]:.4g}" for k in ("final_train_loss", "final_eval_loss",
+                           "bytes_per_token", "decontaminated_rows") if isinstance(metrics.get(k), (int, float))), "")
+        rows.append((name, entry.kind, "ran" if name in result.ran else "cached",
+                     f"{seconds:.1f}s" if isinstance(seconds, (int, float)) else "-", key_metric))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
 def cmd_ls(args) -> int:
@@ -323,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="start one process per device (each runs the stages; rank 0 writes the registry)")
     run_parser.add_argument("--nproc", type=int, default=None, help="processes per machine (torchrun default: 2)")
     run_parser.add_argument("--accelerate-config", help="an accelerate config file, e.g. configs/accelerate/fsdp.yaml")
+    run_parser.add_argument("--verbose", "-v", action="store_true",
+                            help="stream every library's output to the console (by default it goes to each "
+                                 "stage's log, and the console shows one line per stage)")
     recipe_verb("plan", cmd_plan, "show what would run, what is cached, and why")
     validate = recipe_verb("validate", cmd_validate, "check a recipe and report every error at once (no side effects)")
     validate.add_argument("--data", type=int, nargs="?", const=200, default=0, metavar="ROWS",

@@ -15,6 +15,7 @@ from typing import Any
 
 from posttrain import signals
 from posttrain.errors import UserError
+from posttrain.console import progress_reporter, streams_to
 from posttrain.fingerprint import FingerprintCache
 from posttrain.hf_folder import missing_parts
 from posttrain.keys import StageKey, compute_keys, explain_change
@@ -115,6 +116,7 @@ def run(
     overrides: list[str] | tuple = (),
     registry: str | Path | Registry | None = None,
     echo=print,
+    quiet: bool = False,
 ) -> RunResult:
     """Run every stage of a recipe that is not already in the registry. Python API of `posttrain run`."""
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe, profile, list(overrides))
@@ -129,7 +131,7 @@ def run(
         prefix = f"[{index}/{total}] {name:<14} {item.kind:<14}"
         entry = _reusable(reg, key, echo, prefix)
         if entry is None:
-            entry = _build(loaded, reg, name, keys, result, rank, world, echo, prefix)
+            entry = _build(loaded, reg, name, keys, result, rank, world, echo, prefix, quiet)
             result.ran.append(name)
         else:
             result.cached.append(name)
@@ -151,10 +153,10 @@ def _reusable(reg: Registry, key: str, echo, prefix: str) -> Entry | None:
         return None
 
 
-def _build(loaded, reg, name, keys, result, rank, world, echo, prefix) -> Entry:
+def _build(loaded, reg, name, keys, result, rank, world, echo, prefix, quiet=False) -> Entry:
     key = keys[name].key
     if rank != 0:
-        return _build_as_follower(loaded, reg, name, keys, result, rank, world)
+        return _build_as_follower(loaded, reg, name, keys, result, rank, world, quiet)
     waited = []
     with reg.lock(key, on_wait=lambda: (waited.append(1), echo(f"{prefix} waiting: another process is building {short(key)}"))):
         try:  # another process may have finished it while we waited for the lock
@@ -170,9 +172,11 @@ def _build(loaded, reg, name, keys, result, rank, world, echo, prefix) -> Entry:
         work.mkdir(parents=True, exist_ok=True)
         (work / "FAILED").unlink(missing_ok=True)
         tmp = reg.fresh_tmp_dir(key)
-        echo(f"{prefix} {'resuming' if resuming else 'running '} {short(key)}  (log: {work / STAGE_LOG})")
+        # The log's path is in every failure message; a running line stays short.
+        echo(f"{prefix} {'resuming' if resuming else 'running '} {short(key)}"
+             + ("" if quiet else f"  (log: {work / STAGE_LOG})"))
         started = time.time()
-        metrics = _run_stage(loaded, name, keys, result, tmp, work, rank, world)
+        metrics = _run_stage(loaded, name, keys, result, tmp, work, rank, world, quiet, prefix)
         for warning in metrics.get("warnings") or []:
             echo(f"{prefix} warning: {warning}")
         manifest = _manifest(loaded, name, keys, result, metrics, started)
@@ -185,11 +189,21 @@ def _build(loaded, reg, name, keys, result, rank, world, echo, prefix) -> Entry:
             write_model_card(tmp, manifest, reg)
         shutil.copy2(work / STAGE_LOG, tmp / "posttrain.log")
         entry = reg.commit(key, tmp, manifest)
-        echo(f"{prefix} done     {short(key)}  {time.time() - started:.1f}s")
+        echo(f"{prefix} {'resumed' if resuming else 'done   '}  {short(key)}  {time.time() - started:.1f}s"
+             f"{_headline(metrics)}")
         return entry
 
 
-def _run_stage(loaded, name, keys, result, out_dir: Path, work: Path, rank: int, world: int) -> dict[str, Any]:
+def _headline(metrics: dict[str, Any]) -> str:
+    """The one number worth a glance on the stage's closing line."""
+    for key in ("final_train_loss", "bytes_per_token"):
+        if isinstance(metrics.get(key), (int, float)):
+            return f"  {key} {metrics[key]:.4g}"
+    return ""
+
+
+def _run_stage(loaded, name, keys, result, out_dir: Path, work: Path, rank: int, world: int,
+               quiet: bool = False, prefix: str = "") -> dict[str, Any]:
     item = loaded.stages[name]
     inputs = {path: _as_input(result.entries[ref]) for path, ref in item.inputs.items()}
     seed = item.config.seed if item.config.seed is not None else loaded.recipe.seed
@@ -204,7 +218,9 @@ def _run_stage(loaded, name, keys, result, out_dir: Path, work: Path, rank: int,
     stage_log.info("stage %s (%s) key %s starting; config: %s", name, item.kind, keys[name].key,
                    json.dumps(item.config.model_dump(mode="json")))
     try:
-        return item.stage.run(item.config, ctx) or {}
+        with streams_to(work / STAGE_LOG if rank == 0 else work / f"rank{rank}.log", quiet) as console:
+            ctx.progress = progress_reporter(console, prefix) if rank == 0 else ctx.progress
+            return item.stage.run(item.config, ctx) or {}
     except UserError as exc:
         stage_log.error("%s", exc)
         _mark_failed(work, out_dir, rank)
@@ -237,7 +253,7 @@ def _mark_failed(work: Path, out_dir: Path, rank: int) -> None:
         shutil.rmtree(out_dir, ignore_errors=True)  # nothing half-written stays in the registry
 
 
-def _build_as_follower(loaded, reg: Registry, name, keys, result, rank: int, world: int) -> Entry:
+def _build_as_follower(loaded, reg: Registry, name, keys, result, rank: int, world: int, quiet: bool = False) -> Entry:
     """Ranks > 0 take part in the stage (collectives need every rank) but never write the registry."""
     key = keys[name].key
     work = reg.work_dir(key)
@@ -247,7 +263,7 @@ def _build_as_follower(loaded, reg: Registry, name, keys, result, rank: int, wor
             break
         time.sleep(0.1)
     scratch.mkdir(parents=True, exist_ok=True)
-    _run_stage(loaded, name, keys, result, scratch, work, rank, world)
+    _run_stage(loaded, name, keys, result, scratch, work, rank, world, quiet)
     return wait_for_commit(reg, key, work, name)
 
 

@@ -40,3 +40,23 @@ def test_help_and_schema(tmp_path):
     stage_kinds = schema["properties"]["stages"]["additionalProperties"]["oneOf"]
     assert {"$ref": "#/$defs/stage_count"} in stage_kinds
     assert schema["$defs"]["stage_count"]["additionalProperties"] is False
+
+
+def test_a_run_prints_one_line_per_stage_and_keeps_library_output_in_the_stage_logs(tmp_path):
+    """On a non-terminal: stage lines, a closing table and gates; tqdm bars and trainer dicts go to logs."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    registry = tmp_path / "registry"
+    result = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(ROOT / "recipes" / "quickstart.yaml"),
+                             "stages.sft.training.max_steps=10", "stages.dpo.training.max_steps=4",
+                             "--registry", str(registry)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = (result.stdout + result.stderr).splitlines()
+    assert len(lines) <= 40, "\n".join(lines)
+    assert not any("it/s" in line or "{'loss'" in line for line in lines)
+    assert sum("done" in line for line in lines) == 3 and "stage  " in result.stdout  # closing table header
+    logs = "".join(p.read_text(errors="replace") for p in registry.glob("entries/*/posttrain.log"))
+    assert "'loss'" in logs  # the trainer's own output is kept, in the stage's log

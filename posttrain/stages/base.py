@@ -11,7 +11,7 @@ import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import Field
 
@@ -58,6 +58,8 @@ class StageContext:
     rank: int = 0
     world_size: int = 1
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("posttrain.stage"))
+    # Progress for the console: {"step", "total", "loss", ...}; a no-op unless the runner shows it.
+    progress: Callable[[dict[str, Any]], None] = field(default=lambda info: None)
 
     @property
     def is_main(self) -> bool:

@@ -62,3 +62,20 @@ def mean_train_loss(log_history: list[dict], fallback: float) -> float:
             steps += covered
             previous = int(item["step"])
     return total / steps if steps else fallback
+
+
+def progress_to(ctx):
+    """A Trainer callback that reports step, total and the last logged loss to `ctx.progress`."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        loss = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.loss = logs["loss"]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            ctx.progress({"step": state.global_step, "total": state.max_steps, "loss": self.loss})
+
+    return Progress()

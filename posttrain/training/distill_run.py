@@ -9,7 +9,8 @@ from posttrain.kd.losses import distill_loss
 from posttrain.kd.tokenizer_check import check_compatible
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
-from posttrain.training.checkpoints import last_complete_checkpoint, mean_train_loss, no_final_checkpoint
+from posttrain.training.checkpoints import (last_complete_checkpoint, mean_train_loss, no_final_checkpoint,
+                                             progress_to)
 from posttrain.training.distill_data import (LengthLimited, LogitsDatasetSequences, PackedSequences,
                                                  ShardSequences, collate)
 from posttrain.training.sft_run import device_defaults, load_chat_tokenizer, save_model_entry
@@ -119,7 +120,7 @@ def run_distill(config, ctx: StageContext) -> dict[str, Any]:
         data_collator=partial(collate, pad_id=tokenizer.pad_token_id or 0, assistant_only=config.assistant_only),
         distill={"alpha": config.alpha, "loss": config.loss, "temperature": temperature,
                  "chunk_size": config.chunk_size},
-        callbacks=[no_final_checkpoint()],
+        callbacks=[no_final_checkpoint(), progress_to(ctx)],
     )
     last = last_complete_checkpoint(checkpoints)
     started = time.time()

@@ -8,7 +8,8 @@ from typing import Any
 from posttrain.data.sources import load_preferences, write_contamination_report
 from posttrain.errors import UserError
 from posttrain.stages.base import StageContext
-from posttrain.training.checkpoints import last_complete_checkpoint, mean_train_loss, no_final_checkpoint
+from posttrain.training.checkpoints import (last_complete_checkpoint, mean_train_loss, no_final_checkpoint,
+                                             progress_to)
 from posttrain.training.splits import train_and_eval
 from posttrain.training.sft_run import device_defaults, load_chat_tokenizer, save_model_entry
 from posttrain.training.tokenize import chat_token_ids
@@ -86,7 +87,7 @@ def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
         peft_config = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                                  target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[no_final_checkpoint()])
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=[no_final_checkpoint(), progress_to(ctx)])
     last = last_complete_checkpoint(checkpoints)
     started = time.time()
     output = trainer.train(resume_from_checkpoint=str(last) if last else None)
