@@ -135,13 +135,10 @@ def cmd_run(args) -> int:
     print(f"{len(result.ran)} ran, {len(result.cached)} cached in {time.time() - started:.1f}s; "
           f"refs under {loaded.ref_namespace}/ in {result.registry.root}")
     print("\n".join(_summary_table(result)))
-    if loaded.recipe.gates:
-        from posttrain.gates import check_gates
-
-        results = check_gates(loaded.recipe.gates, result.entries)
-        for gate in results:
+    if result.gates:
+        for gate in result.gates:
             print(f"gate {'PASS' if gate.passed else 'FAIL'}  {gate.name}: {gate.detail}")
-        failed = [g.name for g in results if not g.passed]
+        failed = [g.name for g in result.gates if not g.passed]
         if failed:
             print(f"posttrain: {len(failed)} quality gate(s) failed: {', '.join(failed)}", file=sys.stderr)
             return 3

@@ -17,6 +17,7 @@ from posttrain import signals
 from posttrain.errors import UserError
 from posttrain.console import progress_reporter, streams_to
 from posttrain.fingerprint import FingerprintCache
+from posttrain.gates import GateResult, check_gates
 from posttrain.hf_folder import missing_parts
 from posttrain.keys import StageKey, compute_keys, explain_change
 from posttrain.model_card import write_model_card
@@ -54,6 +55,11 @@ class RunResult:
     entries: dict[str, Entry] = field(default_factory=dict)
     ran: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
+    gates: list[GateResult] = field(default_factory=list)  # the recipe's quality gates, checked after the run
+
+    @property
+    def gates_passed(self) -> bool:
+        return all(gate.passed for gate in self.gates)
 
     def path(self, stage: str) -> Path:
         return self.entries[stage].path
@@ -140,6 +146,8 @@ def run(
         if rank == 0:
             reg.set_ref(f"{loaded.ref_namespace}/{name}", key)
         result.entries[name] = entry
+    if loaded.recipe.gates:
+        result.gates = check_gates(loaded.recipe.gates, result.entries)
     return result
 
 

@@ -23,3 +23,16 @@ def test_gate_on_an_unknown_stage_is_a_validation_error(tmp_path, capsys):
     recipe.write_text(recipe.read_text() + "gates:\n  - {name: g, metric: nope/loss, below: 1}\n")
     assert main(["validate", str(recipe)]) == 2
     assert "gates.0: gate 'g' reads stage 'nope', which is not in the recipe" in capsys.readouterr().err
+
+
+def test_the_python_api_checks_gates_and_returns_their_results(tmp_path):
+    import posttrain
+
+    recipe = two_stage_recipe(tmp_path)
+    recipe.write_text(recipe.read_text() + """gates:
+  - {name: enough steps, metric: two/steps, above: one/steps}
+  - {name: impossible, metric: one/steps, above: 100}
+""")
+    result = posttrain.run(recipe)
+    assert [(g.name, g.passed) for g in result.gates] == [("enough steps", True), ("impossible", False)]
+    assert not result.gates_passed

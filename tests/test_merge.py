@@ -123,3 +123,18 @@ def test_merge_errors_are_mapped_to_recipe_keys(tmp_path, capsys):
     assert "stages.merged.method: unknown merge method 'lienar'" in capsys.readouterr().err
     assert main(["validate", str(merge_recipe(tmp_path, {**LINEAR, "models": [{"model": "zz"}]}))]) == 2
     assert "stages.merged.models.0.model: refers to 'zz'" in capsys.readouterr().err
+
+
+def test_a_warm_validate_reuses_the_merge_check_without_importing_mergekit(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bad = {"method": "ties", "base_model": "base", "parameters": {"densty": 0.5},
+           "models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 1.0}}]}
+    recipe = merge_recipe(tmp_path, bad)
+    probe = ("import sys; from posttrain.cli import main; rc = main(['validate', sys.argv[1]]); "
+             "print('imported mergekit' if 'mergekit' in sys.modules else 'no mergekit', rc)")
+    runs = [subprocess.run([sys.executable, "-c", probe, str(recipe)], capture_output=True, text=True) for _ in range(2)]
+    assert [r.stdout.split()[-3:] for r in runs] == [["imported", "mergekit", "2"], ["no", "mergekit", "2"]]
+    assert all("stages.merged.parameters.densty: ties has no parameter 'densty'" in r.stderr for r in runs)

@@ -45,9 +45,35 @@ class MergeStage(Stage):
         return refs
 
     def deep_validate(self, config: MergeConfig, recipe_dir: Path) -> list[tuple[str, str]]:
+        """mergekit's own models check the merge (its import takes seconds, through torch); the answer
+        is cached by the merge settings, the mergekit version and our merge code, so a warm `validate`
+        of an unchanged merge imports nothing."""
+        import hashlib
+        import json
+        import os
+        from importlib.metadata import version
+
+        from posttrain.code_fingerprint import code_fingerprint
+        from posttrain.registry.keys import canonical_json
+
+        material = {"config": config.model_dump(mode="json"), "mergekit": version("mergekit"),
+                    "code": code_fingerprint("posttrain.training.merge_run")}
+        cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "posttrain" / "validate"
+        cached = cache_root / f"merge-{hashlib.sha256(canonical_json(material).encode()).hexdigest()[:32]}.json"
+        if cached.is_file():
+            try:
+                return [tuple(problem) for problem in json.loads(cached.read_text())]
+            except (OSError, ValueError):
+                pass
         from posttrain.training.merge_run import check_merge_config
 
-        return check_merge_config(config)
+        problems = check_merge_config(config)
+        try:
+            cache_root.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(problems))
+        except OSError:
+            pass  # a read-only home: validate stays correct, just not faster
+        return problems
 
     def run(self, config: MergeConfig, ctx: StageContext) -> dict[str, Any]:
         from posttrain.training.merge_run import run_merge_stage
