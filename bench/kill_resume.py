@@ -87,8 +87,8 @@ def main() -> None:
         metrics, weights = finished(registry)
         weight_diff = max(float(abs(weights[k] - ref_weights[k]).max()) for k in ref_weights)
         loss_diff = abs(metrics["final_train_loss"] - ref_metrics["final_train_loss"])
-        curve = [p["loss"] for p in metrics["loss"]]
-        ref_curve = [p["loss"] for p in ref_metrics["loss"]]
+        curve = [p["value"] for p in metrics["loss"]]
+        ref_curve = [p["value"] for p in ref_metrics["loss"]]
         curve_diff = max(abs(a - b) for a, b in zip(curve, ref_curve)) if len(curve) == len(ref_curve) else float("inf")
         same_steps = metrics["steps"] == ref_metrics["steps"]
         worst = {"weights": max(worst["weights"], weight_diff), "final_train_loss": max(worst["final_train_loss"], loss_diff),

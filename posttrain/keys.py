@@ -30,12 +30,24 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
         node[last] = value
 
 
+def _drop_path(data: dict, dotted: str) -> None:
+    """Remove a dotted key from a config dump if it is there."""
+    *parents, last = dotted.split(".")
+    node: Any = data
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(last, None)
+
+
 def compute_keys(loaded: LoadedRecipe, cache: FingerprintCache) -> dict[str, StageKey]:
     keys: dict[str, StageKey] = {}
     for name in loaded.order:
         item = loaded.stages[name]
         config = item.config.model_dump(mode="json", exclude={"description"})
         config.pop("seed", None)
+        for dotted in getattr(item.stage, "operational_keys", ()):
+            _drop_path(config, dotted)
         # Inputs enter the key by their entry keys, not their names: renaming a stage reuses its work.
         for path in item.inputs:
             _set_path(config, path, "<input>")

@@ -28,8 +28,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, registry_d
     two = json.loads((registry_dir / "entries" / registry.get_ref("ddp/sft") / "manifest.json").read_text())
     single = posttrain.run(recipe(tmp_path, 16))
     assert two["key"] != single.entries["sft"].key  # different configs, both built
-    two_losses = [p["loss"] for p in two["metrics"]["loss"]]
-    one_losses = [p["loss"] for p in single.metrics("sft")["loss"]]
+    two_losses = [p["value"] for p in two["metrics"]["loss"]]
+    one_losses = [p["value"] for p in single.metrics("sft")["loss"]]
     assert len(two_losses) == len(one_losses) == 6
     for a, b in zip(two_losses, one_losses):
         assert abs(a - b) < 1e-4, (two_losses, one_losses)

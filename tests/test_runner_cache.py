@@ -92,3 +92,29 @@ def test_base_entry_is_a_loadable_folder_with_template_and_eos(tmp_path):
     assert set(manifest["files"]) >= {"model.safetensors", "config.json", "tokenizer.json", "README.md"}
     assert manifest["metrics"]["source"] == "local"
     assert "Lineage" in (base / "README.md").read_text()
+
+
+def test_operational_settings_do_not_change_keys(tmp_path):
+    """How often to log or checkpoint changes how a stage runs, not what it writes: no rebuild."""
+    from conftest import TINY_MODEL, write_recipe
+    from posttrain.fingerprint import FingerprintCache
+    from posttrain.keys import compute_keys
+    from posttrain.recipe import load_recipe
+
+    def key(**training):
+        recipe = write_recipe(tmp_path, f"""
+            name: ops
+            base: {{model: {TINY_MODEL}, chat_template: llama-3.1}}
+            stages:
+              sft:
+                kind: sft
+                save_steps: {training.pop('save_steps', 50)}
+                data: {{sources: [{{path: data.jsonl}}]}}
+                training: {training}
+            """)
+        return compute_keys(load_recipe(recipe), FingerprintCache(tmp_path / "fp.json"))["sft"].key
+
+    (tmp_path / "data.jsonl").write_text('{"text": "hello"}\n')
+    first = key(logging_steps=1, learning_rate=1e-3)
+    assert key(logging_steps=25, report_to=[], save_steps=5, learning_rate=1e-3) == first
+    assert key(logging_steps=1, learning_rate=2e-3) != first

@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
 
 def test_loss_falls_and_eval_loss_falls(trained):
     metrics = trained.metrics("sft")
-    losses = [p["loss"] for p in metrics["loss"]]
+    losses = [p["value"] for p in metrics["loss"]]
     assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     assert metrics["final_eval_loss"] < losses[0]
@@ -130,8 +130,8 @@ def test_killed_sft_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypat
     assert resumed.ran == ["sft"]
     # 12 usually; 6 if the kill landed while checkpoint-12 was being written; 18 under heavy load
     assert resumed.metrics("sft")["resumed_from_step"] in (6, 12, 18)
-    ref_losses = [p["loss"] for p in reference.metrics("sft")["loss"]]
-    got_losses = [p["loss"] for p in resumed.metrics("sft")["loss"]]
+    ref_losses = [p["value"] for p in reference.metrics("sft")["loss"]]
+    got_losses = [p["value"] for p in resumed.metrics("sft")["loss"]]
     assert got_losses[-1] == pytest.approx(ref_losses[-1], rel=1e-4, abs=1e-5)
     a = load_file(reference.path("sft") / "model.safetensors")
     b = load_file(resumed.path("sft") / "model.safetensors")
@@ -148,7 +148,7 @@ def test_packing_and_padding_free_train_and_report_no_padding(tmp_path, mode):
     data["stages"]["sft"][mode] = True
     recipe.write_text(yaml.safe_dump(data))
     metrics = posttrain.run(recipe).metrics("sft")
-    losses = [p["loss"] for p in metrics["loss"]]
+    losses = [p["value"] for p in metrics["loss"]]
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert metrics["padding_fraction"] == 0.0
 

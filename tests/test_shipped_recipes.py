@@ -36,6 +36,6 @@ def test_quickstart_runs_base_sft_dpo(tmp_path):
     result = posttrain.run(RECIPES[[p.name for p in RECIPES].index("quickstart.yaml")])
     assert result.ran == ["base", "sft", "dpo"]
     sft, dpo = result.metrics("sft"), result.metrics("dpo")
-    assert sft["final_eval_loss"] < sft["loss"][0]["loss"]
+    assert sft["final_eval_loss"] < sft["loss"][0]["value"]
     assert dpo["rewards_accuracies"][-1]["value"] >= 0.75
     assert (result.path("dpo") / "chat_template.jinja").exists()

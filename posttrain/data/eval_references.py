@@ -11,7 +11,7 @@ from pydantic import Field
 
 from posttrain.data.decontam import EvalItem, words
 from posttrain.errors import UserError
-from posttrain.recipe.model import StrictModel
+from posttrain.strict import StrictModel
 
 QUESTION_FIELDS = ("question", "prompt", "query", "problem", "text", "input")
 ANSWER_FIELDS = ("answer", "target", "solution", "output")

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 from posttrain.data.eval_references import Decontamination
 from posttrain.data.formats import BadRow, Format, to_messages
 from posttrain.errors import UserError
-from posttrain.recipe.model import StrictModel
+from posttrain.strict import StrictModel
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 

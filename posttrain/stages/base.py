@@ -7,15 +7,14 @@ recipe stays fast.
 """
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from posttrain.recipe.model import StrictModel
+from posttrain.context import InputEntry, StageContext  # noqa: F401 - part of the plugin API
+from posttrain.strict import StrictModel
 
 
 class StageConfig(StrictModel):
@@ -35,42 +34,6 @@ class TrainsWeights(StrictModel):
                                "lose small updates.")
 
 
-@dataclass(frozen=True)
-class InputEntry:
-    """A finished registry entry a stage reads from."""
-
-    key: str
-    path: Path
-    kind: str
-    manifest: dict[str, Any]
-
-
-@dataclass
-class StageContext:
-    """Everything a running stage may use besides its config."""
-
-    name: str
-    inputs: dict[str, InputEntry]
-    out_dir: Path  # fresh and empty; everything written here becomes the entry
-    work_dir: Path  # survives failures and kills: keep in-stage checkpoints here to resume
-    recipe_dir: Path
-    seed: int
-    rank: int = 0
-    world_size: int = 1
-    log: logging.Logger = field(default_factory=lambda: logging.getLogger("posttrain.stage"))
-    # Progress for the console: {"step", "total", "loss", ...}; a no-op unless the runner shows it.
-    progress: Callable[[dict[str, Any]], None] = field(default=lambda info: None)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def resolve(self, path: str | Path) -> Path:
-        """Paths in a recipe are relative to the recipe file, so a recipe runs from any directory."""
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else (self.recipe_dir / p)
-
-
 class Stage(ABC):
     """Base class for stage kinds. Subclasses set the class attributes and implement `run`."""
 
@@ -79,6 +42,11 @@ class Stage(ABC):
     # part of every entry's key, so old entries are not reused by mistake.
     version: ClassVar[str] = "1"
     Config: ClassVar[type[StageConfig]]
+    # Settings that change how a stage runs or reports, not what it writes: left out of entry keys, so
+    # changing them never rebuilds a finished entry (dotted paths into the config).
+    operational_keys: ClassVar[tuple[str, ...]] = (
+        "save_steps", "training.logging_steps", "training.logging_first_step", "training.report_to",
+        "training.save_total_limit", "training.dataloader_num_workers", "training.disable_tqdm")
     produces: ClassVar[Literal["model", "logits", "eval", "files"]] = "model"
 
     def inputs(self, config: StageConfig) -> dict[str, str]:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.recipe.model import StrictModel
+from posttrain.strict import StrictModel
 from posttrain.stages.base import Stage, StageConfig, StageContext, TrainsWeights
 from posttrain.stages.sft import check_training_keys
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from posttrain.data.sources import DataConfig, local_data_files
-from posttrain.recipe.model import StrictModel
+from posttrain.strict import StrictModel
 from posttrain.eval_tasks import task_file_problems
 from posttrain.stages.base import Stage, StageConfig, StageContext
 
@@ -45,6 +45,7 @@ class EvalStage(Stage):
     version = "1"
     Config = EvalConfig
     produces = "eval"
+    operational_keys = Stage.operational_keys + ("batch_size",)
 
     def inputs(self, config: EvalConfig) -> dict[str, str]:
         refs = {f"models.{i}": name for i, name in enumerate(config.models)}

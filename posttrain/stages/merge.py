@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from posttrain.recipe.model import StrictModel
+from posttrain.strict import StrictModel
 from posttrain.stages.base import Stage, StageConfig, StageContext
 
 

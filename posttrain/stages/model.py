@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from posttrain.errors import UserError
 from posttrain.hf_folder import copy_model_folder, missing_parts
-from posttrain.recipe.model import ModelSpec
+from posttrain.strict import ModelSpec
 from posttrain.stages.base import Stage, StageConfig, StageContext
 from posttrain.training.weights import stored_dtype
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from posttrain.data.sources import DataConfig, config_problems, local_data_files
-from posttrain.recipe.model import StrictModel
+from posttrain.strict import StrictModel
 from posttrain.stages.base import Stage, StageConfig, StageContext, TrainsWeights
 
 # Set by posttrain itself: a recipe must not override these through `training:`.

@@ -13,8 +13,8 @@ from posttrain.data.sources import load_conversations, write_contamination_repor
 from posttrain.kd.shards import read_shard, shard_meta, write_index, write_shard
 from posttrain.kd.tokenizer_check import special_token_ids, tokenizer_hash
 from posttrain.errors import UserError
-from posttrain.stages.base import StageContext
-from posttrain.training.sft_run import load_chat_tokenizer
+from posttrain.context import StageContext
+from posttrain.training.trainer_common import load_chat_tokenizer
 from posttrain.training.tokenize import IGNORE, tokenize_row
 
 

@@ -1,19 +1,18 @@
 """The body of the distill stage: a transformers Trainer whose loss is the chunked sparse-KD loss."""
 from __future__ import annotations
 
-import time
 from functools import partial
 from typing import Any
 
 from posttrain.kd.losses import distill_loss
 from posttrain.kd.tokenizer_check import check_compatible
 from posttrain.errors import UserError
-from posttrain.stages.base import StageContext
-from posttrain.training.checkpoints import (last_complete_checkpoint, mean_train_loss, no_final_checkpoint,
-                                             progress_to)
+from posttrain.context import StageContext
+from posttrain.training.trainer_common import (callbacks, device_defaults, load_chat_tokenizer, logged_series,
+                                               save_model_entry)
+from posttrain.training.trainer_common import train as train_model
 from posttrain.training.distill_data import (LengthLimited, LogitsDatasetSequences, PackedSequences,
                                                  ShardSequences, collate)
-from posttrain.training.sft_run import device_defaults, load_chat_tokenizer, save_model_entry
 
 
 def _trainer_class():
@@ -120,23 +119,14 @@ def run_distill(config, ctx: StageContext) -> dict[str, Any]:
         data_collator=partial(collate, pad_id=tokenizer.pad_token_id or 0, assistant_only=config.assistant_only),
         distill={"alpha": config.alpha, "loss": config.loss, "temperature": temperature,
                  "chunk_size": config.chunk_size},
-        callbacks=[no_final_checkpoint(), progress_to(ctx)],
+        callbacks=callbacks(ctx),
     )
-    last = last_complete_checkpoint(checkpoints)
-    started = time.time()
-    output = trainer.train(resume_from_checkpoint=str(last) if last else None)
-    seconds = time.time() - started
+    _, run_metrics = train_model(trainer, checkpoints)
     save_model_entry(trainer, tokenizer, ctx, lora=False, checkpoints=checkpoints)
     history = trainer.state.log_history
     return {
-        "loss": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
-        "kd_loss": [{"step": h["step"], "value": h["kd_loss"]} for h in history if "kd_loss" in h],
-        "ce_loss": [{"step": h["step"], "value": h["ce_loss"]} for h in history if "ce_loss" in h],
-        "eval_loss": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
-        "final_train_loss": mean_train_loss(trainer.state.log_history, output.training_loss),
-        "steps": trainer.state.global_step,
-        "resumed_from_step": int(last.name.rsplit("-", 1)[1]) if last else 0,
-        "train_seconds": round(seconds, 3),
+        **{key: logged_series(history, key) for key in ("loss", "kd_loss", "ce_loss", "eval_loss")},
+        **run_metrics,
         "sequences": sequences,
         **data_counts,
         "packed_rows": len(data) if config.packing else None,

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from posttrain.data.sources import load_preferences, write_contamination_report
 from posttrain.errors import UserError
-from posttrain.stages.base import StageContext
-from posttrain.training.checkpoints import (last_complete_checkpoint, mean_train_loss, no_final_checkpoint,
-                                             progress_to)
+from posttrain.context import StageContext
+from posttrain.training.trainer_common import (callbacks, device_defaults, load_chat_tokenizer, lora_config,
+                                               save_model_entry)
+from posttrain.training.trainer_common import train as train_model
 from posttrain.training.splits import train_and_eval
-from posttrain.training.sft_run import device_defaults, load_chat_tokenizer, save_model_entry
 from posttrain.training.tokenize import chat_token_ids
 
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -80,18 +79,9 @@ def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
         gradient_checkpointing=None,
         **training,
     )
-    peft_config = None
-    if config.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                                 target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[no_final_checkpoint(), progress_to(ctx)])
-    last = last_complete_checkpoint(checkpoints)
-    started = time.time()
-    output = trainer.train(resume_from_checkpoint=str(last) if last else None)
-    seconds = time.time() - started
+                         processing_class=tokenizer, peft_config=lora_config(config.lora), callbacks=callbacks(ctx))
+    _, run_metrics = train_model(trainer, checkpoints)
 
     save_model_entry(trainer, tokenizer, ctx, lora=bool(config.lora), checkpoints=checkpoints)
     if ctx.is_main:
@@ -106,10 +96,7 @@ def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
         {key.replace("/", "_"): value for key, value in series.items()},
         eval={key: [{"step": h["step"], "value": h[f"eval_{key}"]} for h in history if f"eval_{key}" in h]
               for key in ("loss",) + REWARD_KEYS},
-        final_train_loss=mean_train_loss(trainer.state.log_history, output.training_loss),
-        steps=trainer.state.global_step,
-        resumed_from_step=int(last.name.rsplit("-", 1)[1]) if last else 0,
-        train_seconds=round(seconds, 3),
+        **run_metrics,
         reference="adapter-disabled policy" if config.lora and ref_model is None
         else ("ref_model input" if ref_model is not None else "policy input"),
         precomputed_reference=bool(config.precompute_ref_log_probs),

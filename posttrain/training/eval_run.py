@@ -9,7 +9,7 @@ from typing import Any
 
 from posttrain.data.sources import load_conversations
 from posttrain.errors import UserError
-from posttrain.stages.base import StageContext
+from posttrain.context import StageContext
 from posttrain.eval_tasks import copy_task_dirs
 from posttrain.training.tokenize import IGNORE, chat_token_ids, tokenize_row
 

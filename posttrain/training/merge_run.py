@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import UserError
-from posttrain.stages.base import StageContext
+from posttrain.context import StageContext
 
 # mergekit's options we set ourselves (determinism, offline safety, our own tokenizer/card handling).
 _OWN_OPTIONS = {"random_seed", "copy_tokenizer", "write_model_card", "safe_serialization", "trust_remote_code"}

@@ -5,7 +5,7 @@ from collections.abc import Callable
 from typing import Any
 
 from posttrain.data.sources import DataConfig, load_eval_rows
-from posttrain.stages.base import StageContext
+from posttrain.context import StageContext
 
 
 def train_and_eval(records: list[dict], data: DataConfig, ctx: StageContext, loader: Callable,

@@ -1,0 +1,46 @@
+"""What a running stage is handed besides its config: its inputs, its folders, its rank, its log.
+
+On the ground floor so stage bodies (`training/`) and stage declarations (`stages/`) share it
+without either importing the other."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class InputEntry:
+    """A finished registry entry a stage reads from."""
+
+    key: str
+    path: Path
+    kind: str
+    manifest: dict[str, Any]
+
+
+@dataclass
+class StageContext:
+    """Everything a running stage may use besides its config."""
+
+    name: str
+    inputs: dict[str, InputEntry]
+    out_dir: Path  # fresh and empty; everything written here becomes the entry
+    work_dir: Path  # survives failures and kills: keep in-stage checkpoints here to resume
+    recipe_dir: Path
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("posttrain.stage"))
+    # Progress for the console: {"step", "total", "loss", ...}; a no-op unless the runner shows it.
+    progress: Callable[[dict[str, Any]], None] = field(default=lambda info: None)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def resolve(self, path: str | Path) -> Path:
+        """Paths in a recipe are relative to the recipe file, so a recipe runs from any directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.recipe_dir / p)

@@ -1,0 +1,113 @@
+"""Trainer plumbing every training stage (sft, dpo, distill) shares: the input's tokenizer with its
+template, device defaults, LoRA settings, the callbacks, training with resume from the last complete
+in-stage checkpoint, the metrics every run reports, and saving the entry."""
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any
+
+from posttrain.context import StageContext
+from posttrain.errors import UserError
+from posttrain.training.checkpoints import last_complete_checkpoint, mean_train_loss, no_final_checkpoint, progress_to
+
+
+def load_chat_tokenizer(source, chat_template: str | None, ctx: StageContext):
+    """The input's tokenizer, with the stage's template (and its EOS) attached when one is given."""
+    from transformers import AutoTokenizer
+
+    from posttrain.chat_templates import resolve_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if chat_template:
+        template = resolve_chat_template(chat_template, ctx.recipe_dir)
+        tokenizer.chat_template = template.text
+        if template.end_of_turn:
+            tokenizer.eos_token = template.end_of_turn
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def device_defaults(training: dict[str, Any], has_eval: bool) -> dict[str, Any]:
+    """Defaults for any trl trainer; the recipe's `training:` values always win."""
+    import torch
+
+    training.setdefault("logging_steps", 1)
+    training.setdefault("report_to", ["tensorboard"])
+    training.setdefault("save_total_limit", 2)
+    if has_eval:
+        training.setdefault("eval_strategy", "epoch")
+    if not torch.cuda.is_available():
+        # trl defaults to bf16, which the Trainer refuses on a CPU unless told it is a CPU run.
+        training.setdefault("use_cpu", True)
+        training.setdefault("bf16", False)
+    return training
+
+
+def save_model_entry(trainer, tokenizer, ctx: StageContext, lora: bool, checkpoints) -> Any:
+    """Write the trained model as a plain HF folder (LoRA merged; adapter kept in adapter/), in the
+    dtype the input model was stored in (training itself keeps fp32 master weights).
+
+    Under a multi-process launch every rank takes part (FSDP and ZeRO-3 gather the full state dict
+    collectively) and the Trainer writes on rank 0 only. Returns the saved model.
+    """
+    from posttrain.checkpoint_folder import save_tokenizer_files
+    from posttrain.training.weights import cast_for_storage, stored_dtype
+
+    model = trainer.model
+    storage = stored_dtype(ctx.inputs["model"].path)
+    if lora:
+        if ctx.world_size > 1:
+            raise UserError("LoRA with a multi-process launch is not supported yet: run LoRA stages in one process")
+        model.save_pretrained(ctx.out_dir / "adapter")
+        model = cast_for_storage(model.merge_and_unload(), storage)
+        model.save_pretrained(ctx.out_dir, safe_serialization=True)
+    elif ctx.world_size > 1:
+        trainer.save_model(str(ctx.out_dir))  # sharded weights are gathered in their training dtype
+    else:
+        model = cast_for_storage(model, storage)
+        model.save_pretrained(ctx.out_dir, safe_serialization=True)
+    if ctx.is_main:
+        save_tokenizer_files(ctx.out_dir, tokenizer, input_dir=ctx.inputs["model"].path)
+        for leftover in ("training_args.bin",):  # a pickle the Trainer writes: never in the registry
+            (ctx.out_dir / leftover).unlink(missing_ok=True)
+        runs = checkpoints / "runs"
+        if runs.is_dir():
+            shutil.copytree(runs, ctx.out_dir / "tensorboard", dirs_exist_ok=True)
+    return model
+
+
+def lora_config(settings):
+    """peft's LoraConfig from the stage's `lora:` settings, or None without them."""
+    if not settings:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=settings.target_modules, task_type="CAUSAL_LM")
+
+
+def callbacks(ctx: StageContext) -> list:
+    """No checkpoint at the last step (the entry is saved right after), progress for the console."""
+    return [no_final_checkpoint(), progress_to(ctx)]
+
+
+def train(trainer, checkpoints) -> tuple[Any, dict[str, Any]]:
+    """Train, resuming from the last complete in-stage checkpoint if a killed run left one; returns the
+    Trainer's output and the metrics every training stage reports."""
+    last = last_complete_checkpoint(checkpoints)
+    started = time.time()
+    output = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    seconds = time.time() - started
+    return output, {
+        "final_train_loss": mean_train_loss(trainer.state.log_history, output.training_loss),
+        "steps": trainer.state.global_step,
+        "resumed_from_step": int(last.name.rsplit("-", 1)[1]) if last else 0,
+        "train_seconds": round(seconds, 3),
+    }
+
+
+def logged_series(history: list[dict], key: str) -> list[dict[str, float]]:
+    """One metric's points from the Trainer's log history, in the one shape every series has."""
+    return [{"step": h["step"], "value": h[key]} for h in history if key in h]
