@@ -7,6 +7,7 @@ recipe stays fast.
 """
 from __future__ import annotations
 
+import difflib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -25,13 +26,56 @@ class StageConfig(StrictModel):
     seed: int | None = Field(None, description="Overrides the recipe seed for this stage.")
 
 
+# Set by posttrain itself: a recipe must not override these through `training:`.
+RESERVED_TRAINING_KEYS = {"output_dir", "max_length", "assistant_only_loss", "packing", "padding_free",
+                          "gradient_checkpointing", "activation_checkpointing", "seed", "dataset_text_field", "resume_from_checkpoint"}
+
+
+class LoraSettings(StrictModel):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
 class TrainsWeights(StrictModel):
-    """Fields of every stage that trains a model's weights."""
+    """Fields of every stage that trains a model's weights (sft, dpo, distill)."""
 
     master_weights: Literal["float32", "bfloat16"] = Field(
         "float32", description="Dtype of the weights the optimizer updates. float32 (default) with training.bf16: "
                                "true computes in bf16 under autocast; bfloat16 trains pure-bf16 weights, which "
                                "lose small updates.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (explicit: trl "
+                                                            "would otherwise turn it on).")
+    save_steps: int = Field(50, gt=0, description="In-stage checkpoint interval (for resume).")
+    training: dict[str, Any] = Field(default_factory=dict, description="Any field of the stage's trainer config "
+                                     "(TrainingArguments; trl SFTConfig for sft, DPOConfig for dpo).")
+
+
+class ChatTraining(StrictModel):
+    """Fields of the stages that train on chat data through trl (sft, dpo)."""
+
+    lora: LoraSettings | None = Field(None, description="Train a LoRA adapter (merged into the output).")
+    chat_template: str | None = Field(
+        None, description="Replace the input's chat template (a known name, .jinja file or text); saved in the output.")
+
+
+def check_training_keys(training: dict[str, Any], trl_config: tuple[str, str] | None = ("trainer/sft_config.py", "SFTConfig")
+                        ) -> list[tuple[str, str]]:
+    """`training:` keys must be fields of TrainingArguments (and of the trl config, if the stage uses one)."""
+    from posttrain.training_fields import trainer_fields
+
+    known = trainer_fields(trl_config)
+    problems = []
+    for key in training:
+        if key in RESERVED_TRAINING_KEYS:
+            problems.append((f"training.{key}", "set by posttrain; use the stage's own setting instead"))
+        elif known and key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            owner = f"TrainingArguments/{trl_config[1]}" if trl_config else "TrainingArguments"
+            problems.append((f"training.{key}", f"not a {owner} field{hint}"))
+    return problems
 
 
 class Stage(ABC):

@@ -11,8 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from posttrain.strict import StrictModel
-from posttrain.stages.base import Stage, StageConfig, StageContext, TrainsWeights
-from posttrain.stages.sft import check_training_keys
+from posttrain.stages.base import Stage, StageConfig, StageContext, TrainsWeights, check_training_keys
 
 
 class LogitsDataset(StrictModel):
@@ -53,9 +52,6 @@ class DistillConfig(StageConfig, TrainsWeights):
     overlong: Literal["truncate", "drop"] = Field(
         "truncate", description="Sequences longer than max_length are cut or left out; both are counted.")
     test_size: float | int | None = Field(None, gt=0)
-    gradient_checkpointing: bool = False
-    save_steps: int = Field(50, gt=0)
-    training: dict[str, Any] = Field(default_factory=dict, description="Any TrainingArguments field.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DistillConfig":

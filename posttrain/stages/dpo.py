@@ -13,8 +13,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from posttrain.data.sources import DataConfig, config_problems, local_data_files
-from posttrain.stages.base import Stage, StageConfig, StageContext, TrainsWeights
-from posttrain.stages.sft import LoraSettings, check_training_keys
+from posttrain.stages.base import (ChatTraining, Stage, StageConfig, StageContext, TrainsWeights,
+                                   check_training_keys)
 
 # trl 1.16's DPO loss types.
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -23,7 +23,7 @@ DPO_FIELDS = ("trainer/dpo_config.py", "DPOConfig")
 DPO_OWN_KEYS = {"beta", "loss_type", "loss_weights", "label_smoothing", "precompute_ref_log_probs"}
 
 
-class DPOStageConfig(StageConfig, TrainsWeights):
+class DPOStageConfig(StageConfig, ChatTraining, TrainsWeights):
     kind: Literal["dpo"] = "dpo"
     model: str = Field("base", description="Stage or model to optimise (the policy).")
     ref_model: str | None = Field(None, description="Reference stage or model; default: the policy's input.")
@@ -33,11 +33,6 @@ class DPOStageConfig(StageConfig, TrainsWeights):
     loss_weights: list[float] | None = None
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     precompute_ref_log_probs: bool = Field(True, description="Reference log-probs computed once, before training.")
-    lora: LoraSettings | None = None
-    chat_template: str | None = None
-    gradient_checkpointing: bool = False
-    save_steps: int = Field(50, gt=0)
-    training: dict[str, Any] = Field(default_factory=dict, description="Any trl DPOConfig / TrainingArguments field.")
 
     @field_validator("loss_type", mode="before")
     @classmethod
