@@ -286,7 +286,7 @@ def cmd_report(args) -> int:
         raise UserError(f"nothing to report for {target}: no built entries")
     report = reporting.build(title, entries)
     out = Path(args.out) if args.out else Path("reports") / title.replace("/", "_")
-    written = reporting.write(report, registry, out)
+    written = reporting.write(report, out)
     for line in reporting.table_lines(report):
         print(line)
     for name, kind, summary in reporting.training_summary(report):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.registry import Entry, Registry, short
+from posttrain.registry import Entry, short
 
 CURVES = {  # metric series worth plotting, by the names stages store them under
     "loss": "train loss", "eval_loss": "eval loss", "kd_loss": "KD loss", "ce_loss": "CE loss",
@@ -107,7 +107,7 @@ def plot_curves(report: Report, out: Path) -> dict[str, Path]:
     return written
 
 
-def plot_lineage(report: Report, registry: Registry, out: Path) -> Path:
+def plot_lineage(report: Report, out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,10 +200,10 @@ def decontamination_lines(report: Report) -> list[str]:
     return lines
 
 
-def write(report: Report, registry: Registry, out: Path) -> dict[str, Path]:
+def write(report: Report, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     curves = plot_curves(report, out)
-    lineage = plot_lineage(report, registry, out)
+    lineage = plot_lineage(report, out)
     summary = training_summary(report)
     md = [f"# {report.title}", ""]
     if report.rows:

@@ -11,7 +11,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from posttrain import signals
 from posttrain.errors import UserError
@@ -130,6 +130,7 @@ def run(
     rank, world = rank_info()
     keys = compute_keys(loaded, FingerprintCache(reg.root / "cache" / "fingerprints.json"))
     result = RunResult(loaded, reg)
+    context = _Run(loaded, reg, keys, result, rank, world, echo, quiet)
     total = len(loaded.order)
     for index, name in enumerate(loaded.order, 1):
         item = loaded.stages[name]
@@ -137,7 +138,7 @@ def run(
         prefix = f"[{index}/{total}] {name:<14} {item.kind:<14}"
         entry = _reusable(reg, key, echo, prefix)
         if entry is None:
-            entry = _build(loaded, reg, name, keys, result, rank, world, echo, prefix, quiet)
+            entry = _build(context, name, prefix)
             result.ran.append(name)
         else:
             result.cached.append(name)
@@ -161,10 +162,25 @@ def _reusable(reg: Registry, key: str, echo, prefix: str) -> Entry | None:
         return None
 
 
-def _build(loaded, reg, name, keys, result, rank, world, echo, prefix, quiet=False) -> Entry:
-    key = keys[name].key
-    if rank != 0:
-        return _build_as_follower(loaded, reg, name, keys, result, rank, world, quiet)
+@dataclass
+class _Run:
+    """What every stage of one run shares: the recipe, the registry, the keys, the results so far."""
+
+    loaded: LoadedRecipe
+    reg: Registry
+    keys: dict[str, StageKey]
+    result: RunResult
+    rank: int
+    world: int
+    echo: Callable[[str], Any]
+    quiet: bool
+
+
+def _build(run: _Run, name: str, prefix: str) -> Entry:
+    loaded, reg, echo, quiet = run.loaded, run.reg, run.echo, run.quiet
+    key = run.keys[name].key
+    if run.rank != 0:
+        return _build_as_follower(run, name)
     waited = []
     with reg.lock(key, on_wait=lambda: (waited.append(1), echo(f"{prefix} waiting: another process is building {short(key)}"))):
         try:  # another process may have finished it while we waited for the lock
@@ -184,14 +200,14 @@ def _build(loaded, reg, name, keys, result, rank, world, echo, prefix, quiet=Fal
         echo(f"{prefix} {'resuming' if resuming else 'running '} {short(key)}"
              + ("" if quiet else f"  (log: {work / STAGE_LOG})"))
         started = time.time()
-        metrics = _run_stage(loaded, name, keys, result, tmp, work, rank, world, quiet, prefix)
+        metrics = _run_stage(run, name, tmp, work, prefix)
         for warning in metrics.get("warnings") or []:
             echo(f"{prefix} warning: {warning}")
-        manifest = _manifest(loaded, name, keys, result, metrics, started)
+        manifest = _manifest(run, name, metrics, started)
         if loaded.stages[name].stage.produces == "model":
             lacking = missing_parts(tmp) if tmp.is_dir() else ["the whole build folder"]
             if lacking:  # e.g. removed under us: never commit a model entry that cannot load
-                _mark_failed(work, tmp, rank)
+                _mark_failed(work, tmp, run.rank)
                 raise StageFailed(f"stage {name!r} wrote an incomplete model folder (missing: {'; '.join(lacking)}); "
                                   f"nothing was committed\n  resume with: {loaded.command()}")
             write_model_card(tmp, manifest, reg)
@@ -210,8 +226,8 @@ def _headline(metrics: dict[str, Any]) -> str:
     return ""
 
 
-def _run_stage(loaded, name, keys, result, out_dir: Path, work: Path, rank: int, world: int,
-               quiet: bool = False, prefix: str = "") -> dict[str, Any]:
+def _run_stage(run: _Run, name: str, out_dir: Path, work: Path, prefix: str = "") -> dict[str, Any]:
+    loaded, keys, result, rank, world, quiet = run.loaded, run.keys, run.result, run.rank, run.world, run.quiet
     item = loaded.stages[name]
     inputs = {path: _as_input(result.entries[ref]) for path, ref in item.inputs.items()}
     seed = item.config.seed if item.config.seed is not None else loaded.recipe.seed
@@ -261,9 +277,9 @@ def _mark_failed(work: Path, out_dir: Path, rank: int) -> None:
         shutil.rmtree(out_dir, ignore_errors=True)  # nothing half-written stays in the registry
 
 
-def _build_as_follower(loaded, reg: Registry, name, keys, result, rank: int, world: int, quiet: bool = False) -> Entry:
+def _build_as_follower(run: _Run, name: str) -> Entry:
     """Ranks > 0 take part in the stage (collectives need every rank) but never write the registry."""
-    key = keys[name].key
+    reg, rank, key = run.reg, run.rank, run.keys[name].key
     work = reg.work_dir(key)
     scratch = work / f"rank{rank}-scratch"
     for _ in range(600):  # rank 0 creates the work folder under its lock
@@ -271,7 +287,7 @@ def _build_as_follower(loaded, reg: Registry, name, keys, result, rank: int, wor
             break
         time.sleep(0.1)
     scratch.mkdir(parents=True, exist_ok=True)
-    _run_stage(loaded, name, keys, result, scratch, work, rank, world, quiet)
+    _run_stage(run, name, scratch, work)
     return wait_for_commit(reg, key, work, name)
 
 
@@ -299,7 +315,8 @@ def _as_input(entry: Entry):
     return InputEntry(entry.key, entry.path, entry.kind, entry.manifest)
 
 
-def _manifest(loaded: LoadedRecipe, name: str, keys, result: RunResult, metrics: dict, started: float) -> dict:
+def _manifest(run: _Run, name: str, metrics: dict, started: float) -> dict:
+    loaded, keys = run.loaded, run.keys
     item = loaded.stages[name]
     return {
         "kind": item.kind,

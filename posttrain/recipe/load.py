@@ -193,24 +193,10 @@ def _validate_stages(data: dict, recipe_dir: Path, report, origins: _Origins, de
     model_names = {n for n, _ in _source_models(data)} | {BASE}
     for name, body in raw_stages.items():
         loc = ("stages", name)
-        if name in RESERVED_NAMES or name in model_names:
-            report(loc, f"stage name {name!r} is taken by {'the base model' if name == BASE else 'a model in models:'}")
+        stage = _stage_kind(name, body, loc, model_names, kinds, report)
+        if stage is None:
             continue
-        if not isinstance(body, dict):
-            report(loc, "a stage must be a mapping with a `kind`")
-            continue
-        kind = body.get("kind")
-        if kind is None:
-            report(loc, f"missing `kind` (one of: {', '.join(k for k in kinds if k != 'model')})")
-            continue
-        if not isinstance(kind, str) or kind not in kinds:
-            report(loc + ("kind",), f"unknown stage kind {kind!r}{_suggest(str(kind), kinds)}")
-            continue
-        try:
-            stage = get_stage(kind)
-        except UserError as exc:
-            report(loc + ("kind",), str(exc))
-            continue
+        kind = body["kind"]
         kind_defaults = defaults.get(kind) if isinstance(defaults.get(kind), dict) else {}
         merged = deep_merge(kind_defaults, body)
         try:
@@ -236,6 +222,28 @@ def _validate_stages(data: dict, recipe_dir: Path, report, origins: _Origins, de
                 report(loc + tuple(key.split(".")), f"file not found: {p}")
         resolved[name] = ResolvedStage(name, kind, stage, config, stage.inputs(config))
     return resolved
+
+
+def _stage_kind(name: str, body, loc: tuple, model_names: set[str], kinds: list[str], report):
+    """The stage class of one `stages:` entry, or None after reporting why it has none."""
+    if name in RESERVED_NAMES or name in model_names:
+        report(loc, f"stage name {name!r} is taken by {'the base model' if name == BASE else 'a model in models:'}")
+        return None
+    if not isinstance(body, dict):
+        report(loc, "a stage must be a mapping with a `kind`")
+        return None
+    kind = body.get("kind")
+    if kind is None:
+        report(loc, f"missing `kind` (one of: {', '.join(k for k in kinds if k != 'model')})")
+        return None
+    if not isinstance(kind, str) or kind not in kinds:
+        report(loc + ("kind",), f"unknown stage kind {kind!r}{_suggest(str(kind), kinds)}")
+        return None
+    try:
+        return get_stage(kind)
+    except UserError as exc:
+        report(loc + ("kind",), str(exc))
+        return None
 
 
 def _source_models(data: dict) -> list[tuple[str, dict]]:

@@ -73,6 +73,48 @@ def teacher_name(entry) -> str:
     return str(manifest.get("ref") or entry.key)
 
 
+def _tokenized(rows: list[dict], tokenizer, data) -> tuple[list[list[int]], list[list[int]], int]:
+    """Token ids and assistant masks of every row (over-long rows cut or left out), and how many were cut."""
+    sequences, masks, truncated = [], [], 0
+    for row in rows:
+        ids, labels, was_truncated = tokenize_row(tokenizer, row, data.max_length, assistant_only="messages" in row)
+        if was_truncated and data.overlong == "drop":
+            continue
+        truncated += was_truncated
+        sequences.append(ids)
+        masks.append([int(label != IGNORE) for label in labels])
+    return sequences, masks, truncated
+
+
+def _teacher_targets(model, batch: list[list[int]], pad_id: int, k: int, config, generator):
+    """The teacher's sparse targets (ids, log-probs, log tail) for every position of a padded batch.
+
+    Hidden states for the whole batch, logits only POSITION_CHUNK positions at a time: the
+    [batch, length, vocab] logits and their fp32 log-softmax never exist at once."""
+    import torch
+
+    device = next(model.parameters()).device
+    longest = max(len(s) for s in batch)
+    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for row, seq in enumerate(batch):
+        input_ids[row, :len(seq)] = torch.tensor(seq)
+        attention[row, :len(seq)] = 1
+    valid = attention.bool().to(device)
+    head = model.get_output_embeddings()
+    ids_parts, value_parts, tail_parts = [], [], []
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=input_ids.to(device),
+                                     attention_mask=attention.to(device)).last_hidden_state[valid]
+        for start in range(0, len(hidden), POSITION_CHUNK):
+            ids, values, tails = sparse_targets(head(hidden[start:start + POSITION_CHUNK]), k, config.mode,
+                                                config.temperature, generator)
+            ids_parts.append(ids.cpu().numpy())
+            value_parts.append(values.cpu().numpy())
+            tail_parts.append(tails.cpu().numpy())
+    return np.concatenate(ids_parts), np.concatenate(value_parts), np.concatenate(tail_parts)
+
+
 def run_capture(config, ctx: StageContext) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
@@ -82,20 +124,12 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
     tokenizer = load_chat_tokenizer(teacher_entry.path, config.chat_template, ctx)
     rows, stats = load_conversations(config.data, ctx.recipe_dir, ctx.seed)
     write_contamination_report(stats, ctx.out_dir)
-    sequences, masks, truncated = [], [], 0
-    for row in rows:
-        ids, labels, was_truncated = tokenize_row(tokenizer, row, config.data.max_length, assistant_only="messages" in row)
-        if was_truncated and config.data.overlong == "drop":
-            continue
-        truncated += was_truncated
-        sequences.append(ids)
-        masks.append([int(label != IGNORE) for label in labels])
+    sequences, masks, truncated = _tokenized(rows, tokenizer, config.data)
     if not sequences:
         raise UserError("no sequences to capture (all rows dropped as over-long)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(teacher_entry.path, dtype="auto").to(device).eval()
     vocab = model.config.vocab_size
-    head = model.get_output_embeddings()
     if config.mode == "topk" and config.k > vocab:
         raise UserError(f"k = {config.k} is larger than the teacher's vocabulary ({vocab})")
     data_hash = hashlib.sha256(json.dumps(sequences).encode()).hexdigest()
@@ -127,29 +161,13 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
                 continue  # finished before an interruption: shard by shard resume
             except UserError:
                 path.unlink()
-        ids_parts, value_parts, tail_parts = [], [], []
+        parts = []
         for start in range(first, min(first + config.shard_sequences, len(sequences)), config.batch_size):
             batch = sequences[start:min(start + config.batch_size, first + config.shard_sequences)]
-            longest = max(len(s) for s in batch)
-            input_ids = torch.full((len(batch), longest), tokenizer.pad_token_id or 0, dtype=torch.long)
-            attention = torch.zeros_like(input_ids)
-            for row, seq in enumerate(batch):
-                input_ids[row, :len(seq)] = torch.tensor(seq)
-                attention[row, :len(seq)] = 1
-            valid = attention.bool().to(device)
-            with torch.no_grad():
-                # Hidden states for the whole batch, logits only POSITION_CHUNK positions at a time: the
-                # [batch, length, vocab] logits and their fp32 log-softmax never exist at once.
-                hidden = model.get_decoder()(input_ids=input_ids.to(device),
-                                             attention_mask=attention.to(device)).last_hidden_state[valid]
-                for start_position in range(0, len(hidden), POSITION_CHUNK):
-                    logits = head(hidden[start_position:start_position + POSITION_CHUNK])
-                    ids, values, tails = sparse_targets(logits, meta["k"], config.mode, config.temperature, generator)
-                    ids_parts.append(ids.cpu().numpy())
-                    value_parts.append(values.cpu().numpy())
-                    tail_parts.append(tails.cpu().numpy())
-            bar.update(int(valid.sum()))
-        ids_np, values_np, tails_np = np.concatenate(ids_parts), np.concatenate(value_parts), np.concatenate(tail_parts)
+            parts.append(_teacher_targets(model, batch, tokenizer.pad_token_id or 0, meta["k"], config, generator))
+            bar.update(sum(len(seq) for seq in batch))
+            ctx.progress({"tokens": bar.n, "step": bar.n, "total": total_tokens})
+        ids_np, values_np, tails_np = (np.concatenate([part[i] for part in parts]) for i in range(3))
         stored = write_shard(path, sequences[group], masks[group], ids_np, values_np, meta, tails_np)
         finite = np.isfinite(stored) & np.isfinite(values_np)
         error_sum += float(np.abs(stored - values_np)[finite].sum())
