@@ -181,3 +181,27 @@ def test_no_cross_entropy_is_computed_at_alpha_one(monkeypatch):
     assert calls == [] and "ce_loss" not in parts
     distill_loss(hidden, head, ids, values, torch.zeros(10, dtype=torch.long), alpha=0.5)
     assert calls
+
+
+def test_vllm_prompt_logprobs_convert_to_our_alignment_with_objects_built_here():
+    """vLLM cannot run on these CPU machines: this checks the conversion on prompt_logprobs objects built
+    in the test, shaped as vLLM returns them (None first; top-k plus the actual token as a (k+1)-th
+    entry when it is not in the top-k)."""
+    import math
+    from types import SimpleNamespace
+
+    from posttrain.kd.vllm_targets import from_prompt_logprobs
+
+    def lp(value, rank):
+        return SimpleNamespace(logprob=value, rank=rank, decoded_token="?")
+
+    prompt = [None,
+              {7: lp(-0.1, 1), 3: lp(-2.5, 2), 9: lp(-6.0, 9)},   # token 9 is the actual token, rank 9
+              {4: lp(-0.7, 1), 5: lp(-0.9, 2)}]
+    ids, values, tails = from_prompt_logprobs(prompt, k=2)
+    assert ids.tolist()[:2] == [[7, 3], [4, 5]]  # position 0 holds the distribution of token 1
+    assert values[0].tolist() == pytest.approx([-0.1, -2.5]) and values[1].tolist() == pytest.approx([-0.7, -0.9])
+    assert tails[0] == pytest.approx(math.log(1 - math.exp(-0.1) - math.exp(-2.5)), rel=1e-6)
+    assert values[2].tolist() == [-math.inf, -math.inf] and tails[2] == 0.0  # last position: never trained on
+    with pytest.raises(ValueError, match="fewer than k"):
+        from_prompt_logprobs(prompt, k=3)

@@ -397,3 +397,17 @@ def test_gradient_accumulation_weighs_tokens_not_micro_batches(tmp_path):
     assert deltas["one_batch"]["lm_head.weight"].abs().max() > 1e-3  # a real gradient, not a no-op
     for key in base:
         torch.testing.assert_close(deltas["accumulated"][key], deltas["one_batch"][key], rtol=1e-4, atol=1e-5)
+
+
+def test_shards_are_bounded_in_bytes(tmp_path):
+    from posttrain.training.capture_run import shard_groups, stored_bytes_per_position
+
+    assert shard_groups([10, 10, 10, 50, 10], max_sequences=100, max_bytes=250, per_position=10) == \
+        [(0, 2), (2, 3), (3, 4), (4, 5)]  # a 500-byte sequence gets a shard of its own
+    assert shard_groups([1] * 5, max_sequences=2, max_bytes=10 ** 9, per_position=1) == [(0, 2), (2, 4), (4, 5)]
+    budget = 40_000
+    result = posttrain.run(recipe_with(tmp_path, {"capture": capture(k=16, shard_sequences=1000, shard_bytes=budget)}))
+    files = sorted(result.path("capture").glob("shard-*.safetensors"))
+    per_position = stored_bytes_per_position(1024, 16, "fp16")
+    assert len(files) > 3 and result.metrics("capture")["shards"] == len(files)
+    assert all(f.stat().st_size <= budget + 96 * per_position + 4096 for f in files)  # + one sequence + header

@@ -10,7 +10,7 @@ the task has one, its gold answer) match a training row when
 Pieces under `min_words` words (answers like "5" or "yes") are never matched alone: they would match
 everything.
 
-Word n-grams are hashed: each word to 64 bits, a window to sum(word_j * c_j) mod 2^64 with fixed odd
+Word n-grams are hashed: each word to 64 stable bits (crc32 and adler32), a window to sum(word_j * c_j) mod 2^64 with fixed odd
 multipliers, computed with numpy over the whole row and looked up in a sorted array, so a row costs a
 few dozen vector operations whatever the index size. A hash hit is confirmed on the words themselves
 before a row is reported, so a collision never removes a row.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -39,8 +40,15 @@ def words(text: str) -> list[str]:
     return [w for w in _SEPARATORS.split(unicodedata.normalize("NFKC", text).lower()) if w]
 
 
+def _word_hash(word: str) -> int:
+    """64 bits that are the same in every process (Python's str hash is salted per process, and worker
+    processes must hash as the one that built the index did)."""
+    data = word.encode("utf-8")
+    return (zlib.crc32(data) << 32) | zlib.adler32(data)
+
+
 def _word_hashes(tokens: list[str]) -> np.ndarray:
-    return np.fromiter((hash(t) & 0xFFFFFFFFFFFFFFFF for t in tokens), dtype=np.uint64, count=len(tokens))
+    return np.fromiter((_word_hash(t) for t in tokens), dtype=np.uint64, count=len(tokens))
 
 
 def _windows(hashes: np.ndarray, length: int) -> np.ndarray:
@@ -143,7 +151,12 @@ def row_text(row: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-_worker_index: Index | None = None  # set in the parent before the pool forks; workers inherit it
+_worker_index: Index | None = None  # each worker process's copy, set by its initializer
+
+
+def _start_worker(index: Index) -> None:
+    global _worker_index
+    _worker_index = index
 
 
 def _find_in_worker(text: str) -> Match | None:
@@ -153,18 +166,19 @@ def _find_in_worker(text: str) -> Match | None:
 def scan(rows: Iterable[tuple[Any, dict]], index: Index, workers: int = 1, chunk: int = 512
          ) -> Iterator[tuple[Any, dict, Match | None]]:
     """(label, row, match or None) for every row, in order and streamed: memory does not grow with the
-    rows. With `workers` > 1 the rows are checked by that many forked processes sharing the index."""
+    rows. With `workers` > 1 the rows are checked by that many worker processes, each with a copy of
+    the index. They are spawned, not forked: forking a process that runs torch or tokenizers threads can
+    deadlock the child on a lock one of those threads held."""
     import itertools
     import multiprocessing
 
-    global _worker_index
     iterator = iter(rows)
-    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if workers <= 1:
         for label, row in iterator:
             yield label, row, index.find(row_text(row))
         return
-    _worker_index = index
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_start_worker, initargs=(index,)) as pool:
         while True:
             batch = list(itertools.islice(iterator, chunk * workers * 4))
             if not batch:
@@ -172,4 +186,3 @@ def scan(rows: Iterable[tuple[Any, dict]], index: Index, workers: int = 1, chunk
             matches = pool.map(_find_in_worker, [row_text(row) for _, row in batch], chunksize=chunk)
             for (label, row), match in zip(batch, matches):
                 yield label, row, match
-    _worker_index = None

@@ -24,6 +24,8 @@ class CaptureConfig(StageConfig):
     temperature: float = Field(1.0, gt=0, description="Teacher temperature; distill applies it to the student.")
     batch_size: int = Field(8, gt=0)
     shard_sequences: int = Field(1024, gt=0, description="Sequences per shard (the unit of resume).")
+    shard_bytes: int = Field(256_000_000, gt=0, description="Largest shard file, in bytes (a shard is also the "
+                                                              "unit of resume; one sequence is never split).")
     chat_template: str | None = None
 
 

@@ -73,6 +73,29 @@ def teacher_name(entry) -> str:
     return str(manifest.get("ref") or entry.key)
 
 
+def stored_bytes_per_position(vocab: int, k: int, encoding: str) -> int:
+    """Bytes one position takes in a shard: packed ids and values, the tail, its input id and mask."""
+    from posttrain.kd.packing import bytes_per_token
+
+    return bytes_per_token(vocab, k, encoding) + 4 + 4 + 1
+
+
+def shard_groups(lengths: list[int], max_sequences: int, max_bytes: int, per_position: int) -> list[tuple[int, int]]:
+    """Consecutive [first, last) sequence ranges: at most `max_sequences` and about `max_bytes` each (a
+    sequence longer than the budget gets a shard of its own). Deterministic, so a resumed capture finds
+    the same shards."""
+    groups, first, size = [], 0, 0
+    for index, length in enumerate(lengths):
+        cost = length * per_position
+        if index > first and (index - first >= max_sequences or size + cost > max_bytes):
+            groups.append((first, index))
+            first, size = index, 0
+        size += cost
+    if lengths:
+        groups.append((first, len(lengths)))
+    return groups
+
+
 def _tokenized(rows: list[dict], tokenizer, data) -> tuple[list[list[int]], list[list[int]], int]:
     """Token ids and assistant masks of every row (over-long rows cut or left out), and how many were cut."""
     sequences, masks, truncated = [], [], 0
@@ -148,8 +171,10 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
     index, error_sum, error_count, started, resumed = [], 0.0, 0, time.time(), 0
     tail_errors: list[tuple[float, int, int]] = []
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="capturing teacher logits")
-    for shard_no, first in enumerate(range(0, len(sequences), config.shard_sequences)):
-        group = slice(first, first + config.shard_sequences)
+    per_position = stored_bytes_per_position(vocab, meta["k"], config.encoding)
+    for shard_no, (first, last) in enumerate(shard_groups([len(s) for s in sequences], config.shard_sequences,
+                                                          config.shard_bytes, per_position)):
+        group = slice(first, last)
         path = shard_dir / f"shard-{shard_no:05d}.safetensors"
         group_tokens = sum(len(s) for s in sequences[group])
         if path.exists():
@@ -162,8 +187,8 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
             except UserError:
                 path.unlink()
         parts = []
-        for start in range(first, min(first + config.shard_sequences, len(sequences)), config.batch_size):
-            batch = sequences[start:min(start + config.batch_size, first + config.shard_sequences)]
+        for start in range(first, last, config.batch_size):
+            batch = sequences[start:min(start + config.batch_size, last)]
             parts.append(_teacher_targets(model, batch, tokenizer.pad_token_id or 0, meta["k"], config, generator))
             bar.update(sum(len(seq) for seq in batch))
             ctx.progress({"tokens": bar.n, "step": bar.n, "total": total_tokens})
