@@ -168,21 +168,27 @@ def test_tools_column_renders_like_the_official_template(tokenizer):
     assert "Environment: ipython" in ours and '"get_weather"' in ours
 
 
-def test_sft_stage_records_per_source_counts_and_warns_when_a_source_loses_rows(hub, tmp_path):
-    recipe = write_recipe(tmp_path, f"""
-        name: counts
+def sft_recipe(folder, name: str, sources: list[str], data: str = "", training: str = ""):
+    """A one-stage SFT recipe on the tiny model over hub-layout sources (YAML flow mappings)."""
+    listed = "\n".join(f"                - {source}" for source in sources)
+    return write_recipe(folder, f"""
+        name: {name}
         base: {{model: {TINY_MODEL}, chat_template: llama-3.1}}
         stages:
           sft:
             kind: sft
             data:
               sources:
-                - {{hub: {hub["mlabonne/orca-agentinstruct-1M-v1-cleaned"]}}}
-                - {{hub: {hub["Team-ACE/ToolACE"]}}}
-              on_bad_rows: skip
-              max_length: 240
-            training: {{max_steps: 1, per_device_train_batch_size: 4, report_to: []}}
-        """)
+{listed}
+              on_bad_rows: skip{data}
+            training: {{max_steps: 1, per_device_train_batch_size: 4, report_to: []{training}}}
+        """, name=f"{name}.yaml")
+
+
+def test_sft_stage_records_per_source_counts_and_warns_when_a_source_loses_rows(hub, tmp_path):
+    recipe = sft_recipe(tmp_path, "counts", [f'{{hub: {hub["mlabonne/orca-agentinstruct-1M-v1-cleaned"]}}}',
+                                             f'{{hub: {hub["Team-ACE/ToolACE"]}}}'],
+                        data="\n              max_length: 240")
     result = cli("run", str(recipe))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "warning: " in result.stdout and "2 of 8 rows (25%) skipped as bad" in result.stdout
@@ -199,29 +205,13 @@ def test_sft_stage_records_per_source_counts_and_warns_when_a_source_loses_rows(
 
 
 def test_validate_data_reports_what_each_source_would_give(hub, tmp_path):
-    recipe = write_recipe(tmp_path, f"""
-        name: peek
-        base: {{model: {TINY_MODEL}, chat_template: llama-3.1}}
-        stages:
-          sft:
-            kind: sft
-            data:
-              sources:
-                - {{hub: {hub["mlabonne/orca-agentinstruct-1M-v1-cleaned"]}}}
-                - {{hub: {hub["ServiceNow-AI/M2Lingual"]}, name: full_data, columns: {{conversation: messages}}}}
-              on_bad_rows: skip
-        """)
+    recipe = sft_recipe(tmp_path, "peek", [
+        f'{{hub: {hub["mlabonne/orca-agentinstruct-1M-v1-cleaned"]}}}',
+        f'{{hub: {hub["ServiceNow-AI/M2Lingual"]}, name: full_data, columns: {{conversation: messages}}}}'])
     result = cli("validate", str(recipe), "--data", "50")
     assert result.returncode == 0, result.stderr
     assert "6/8 rows accepted" in result.stdout and "2 skipped: messages.content: content is empty" in result.stdout
     assert "6/6 rows accepted" in result.stdout
-    bad = write_recipe(tmp_path, f"""
-        name: peek2
-        base: {{model: {TINY_MODEL}, chat_template: llama-3.1}}
-        stages:
-          sft:
-            kind: sft
-            data: {{sources: [{{hub: {hub["ServiceNow-AI/M2Lingual"]}, name: full_data}}], on_bad_rows: skip}}
-        """, name="bad.yaml")
+    bad = sft_recipe(tmp_path, "peek2", [f'{{hub: {hub["ServiceNow-AI/M2Lingual"]}, name: full_data}}'])
     result = cli("validate", str(bad), "--data")
     assert result.returncode == 2 and "0/6 rows accepted" in result.stdout and "EMPTY" in result.stdout
