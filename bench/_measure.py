@@ -26,23 +26,32 @@ def _sample_anonymous_memory() -> None:
         time.sleep(0.005)
 
 
-threading.Thread(target=_sample_anonymous_memory, daemon=True).start()
+def main() -> None:
+    global peak_anon_kb
+    threading.Thread(target=_sample_anonymous_memory, daemon=True).start()
 
-out = sys.argv[1]
-if sys.argv[2] == "-m":
-    target, args, runner = sys.argv[3], sys.argv[4:], runpy.run_module
-else:
-    target, args, runner = sys.argv[2], sys.argv[3:], runpy.run_path
-sys.argv = [target, *args]
-start = time.perf_counter()
-code = 0
-try:
-    runner(target, run_name="__main__")
-except SystemExit as exc:
-    code = exc.code or 0
-seconds = time.perf_counter() - start
-peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-with open(out, "a") as fh:
-    fh.write(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "peak_anon_mb": peak_anon_kb / 1024,
-                         "exit": code}) + "\n")
-sys.exit(code)
+    out = sys.argv[1]
+    if sys.argv[2] == "-m":
+        target, args, runner = sys.argv[3], sys.argv[4:], runpy.run_module
+    else:
+        target, args, runner = sys.argv[2], sys.argv[3:], runpy.run_path
+    sys.argv = [target, *args]
+    start = time.perf_counter()
+    code = 0
+    try:
+        runner(target, run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code or 0
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    # The largest of the waited-for child processes (e.g. tokenising workers), each counted on its own.
+    child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    with open(out, "a") as fh:
+        fh.write(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "peak_anon_mb": peak_anon_kb / 1024,
+                             "peak_child_rss_mb": child_mb, "exit": code}) + "\n")
+    sys.exit(code)
+
+
+# Guarded: worker processes started with "spawn" import this file again as their main module.
+if __name__ == "__main__":
+    main()

@@ -83,7 +83,7 @@ def capture_vs_forward(model_dir: Path, tmp: Path) -> None:
 
     import posttrain
     from posttrain.data.sources import DataConfig, load_conversations
-    from posttrain.training.tokenize import tokenize_row
+    from posttrain.data.tokens import tokenize_row
 
     data = ROOT / "data" / "sft" / "tiny_chat_train.jsonl"
     os.environ["POSTTRAIN_REGISTRY"] = str(tmp / "registry")

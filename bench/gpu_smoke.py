@@ -100,7 +100,7 @@ def pair_tokens(model_dir: str, prefs: Path, seq: int) -> float:
     """Mean tokens of one preference pair (prompt + chosen, prompt + rejected) as DPO sees them."""
     from transformers import AutoTokenizer
 
-    from posttrain.training.tokenize import chat_token_ids
+    from posttrain.data.tokens import chat_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     sizes = []

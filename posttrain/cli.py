@@ -74,7 +74,8 @@ def cmd_plan(args) -> int:
     print(f"memory estimates ({launch.num_processes} process{'es' if launch.num_processes > 1 else ''}"
           f"{', ' + launch.accelerate_config if launch.accelerate_config else ''}):")
     for item in items:
-        print(f"  {item.name:<{width}}  {item.memory}")
+        if item.memory != "-":  # prepared data: streamed, nothing to estimate
+            print(f"  {item.name:<{width}}  {item.memory}")
     return 0
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from posttrain.code_fingerprint import code_fingerprint
 from posttrain.fingerprint import FingerprintCache, fingerprint
-from posttrain.recipe.load import LoadedRecipe
+from posttrain.recipe.load import LoadedRecipe, tokenizer_origin
 from posttrain.registry import entry_key
 
 
@@ -22,7 +22,12 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node: Any = data
     for part in parts[:-1]:
-        node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            node = node[int(part)]
+        elif part in node:
+            node = node[part]
+        else:
+            return  # an input that is no config field (an eval's prepared data per model)
     last = parts[-1]
     if isinstance(node, list):
         node[int(last)] = value
@@ -52,6 +57,9 @@ def compute_keys(loaded: LoadedRecipe, cache: FingerprintCache) -> dict[str, Sta
         for path in item.inputs:
             _set_path(config, path, "<input>")
         inputs = {path: keys[ref].key for path, ref in item.inputs.items()}
+        if item.kind == "prepare_data":
+            # Tokens depend on the model's tokenizer, not its weights: key by where the tokenizer was set.
+            inputs = {"tokenizer": keys[tokenizer_origin(loaded.stages, item.inputs["model"])].key}
         data = {}
         for path, value in item.stage.local_files(item.config).items():
             local = Path(value).expanduser()

@@ -9,8 +9,11 @@ from posttrain.registry import Registry, short
 
 
 def lineage_lines(registry: Registry, inputs: dict[str, str], names: dict[str, str], depth: int = 1) -> list[str]:
-    lines = []
+    lines, seen = [], set()
     for path, key in inputs.items():
+        if key in seen:  # e.g. one prepared dataset behind every model an eval stage reads
+            continue
+        seen.add(key)
         entry = registry.get(key)
         kind = entry.kind if entry else "?"
         label = names.get(path, "?")

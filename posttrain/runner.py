@@ -278,14 +278,17 @@ def _mark_failed(work: Path, out_dir: Path, rank: int) -> None:
 
 
 def _build_as_follower(run: _Run, name: str) -> Entry:
-    """Ranks > 0 take part in the stage (collectives need every rank) but never write the registry."""
+    """Ranks > 0 take part in the stage (collectives need every rank) but never write the registry;
+    work that rank 0 does alone (`runs_on_every_rank = False`) they only wait for."""
     reg, rank, key = run.reg, run.rank, run.keys[name].key
     work = reg.work_dir(key)
     scratch = work / f"rank{rank}-scratch"
     for _ in range(600):  # rank 0 creates the work folder under its lock
-        if work.exists():
+        if work.exists() or reg.get(key) is not None:
             break
         time.sleep(0.1)
+    if not run.loaded.stages[name].stage.runs_on_every_rank:
+        return wait_for_commit(reg, key, work, name)  # e.g. prepared data: made once, by rank 0
     scratch.mkdir(parents=True, exist_ok=True)
     _run_stage(run, name, scratch, work)
     return wait_for_commit(reg, key, work, name)

@@ -57,6 +57,7 @@ def test_a_run_prints_one_line_per_stage_and_keeps_library_output_in_the_stage_l
     lines = (result.stdout + result.stderr).splitlines()
     assert len(lines) <= 40, "\n".join(lines)
     assert not any("it/s" in line or "{'loss'" in line for line in lines)
-    assert sum("done" in line for line in lines) == 3 and "stage  " in result.stdout  # closing table header
+    # base, sft.data, sft, dpo.data, dpo: prepared data is a step of its own
+    assert sum("done" in line for line in lines) == 5 and "stage  " in result.stdout  # closing table header
     logs = "".join(p.read_text(errors="replace") for p in registry.glob("entries/*/posttrain.log"))
     assert "'loss'" in logs  # the trainer's own output is kept, in the stage's log

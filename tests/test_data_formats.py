@@ -32,7 +32,7 @@ def tokenizer(tmp_path_factory):
 
 
 def test_every_format_gives_the_same_token_ids(tokenizer):
-    from posttrain.training.tokenize import tokenize_row
+    from posttrain.data.tokens import tokenize_row
 
     tokens = {name: tokenize_row(tokenizer, to_messages(row), 512, True)
               for name, row in SAME_CONVERSATION_IN_EVERY_FORMAT.items()}
@@ -42,7 +42,7 @@ def test_every_format_gives_the_same_token_ids(tokenizer):
 
 
 def test_labels_are_masked_exactly_outside_assistant_content(tokenizer):
-    from posttrain.training.tokenize import IGNORE, tokenize_row
+    from posttrain.data.tokens import IGNORE, tokenize_row
 
     row = {"messages": [{"role": "system", "content": "Be brief."}, *CONVERSATION,
                         {"role": "user", "content": "And 1 plus 1?"}, {"role": "assistant", "content": "2"}]}
@@ -59,14 +59,14 @@ def test_labels_are_masked_exactly_outside_assistant_content(tokenizer):
 
 
 def test_plain_text_is_trained_whole_and_ends_with_eos(tokenizer):
-    from posttrain.training.tokenize import tokenize_row
+    from posttrain.data.tokens import tokenize_row
 
     ids, labels, _ = tokenize_row(tokenizer, to_messages({"text": "hello world"}), 512, True)
     assert labels == ids and ids[-1] == tokenizer.eos_token_id
 
 
 def test_overlong_rows_are_truncated_and_flagged(tokenizer):
-    from posttrain.training.tokenize import tokenize_row
+    from posttrain.data.tokens import tokenize_row
 
     ids, labels, truncated = tokenize_row(tokenizer, {"messages": CONVERSATION}, 10, True)
     assert truncated and len(ids) == 10 == len(labels)

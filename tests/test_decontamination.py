@@ -119,9 +119,11 @@ def test_sft_stage_writes_removed_jsonl_and_its_key_covers_the_references(tmp_pa
     import posttrain
 
     result = posttrain.run(recipe)
-    removed = [json.loads(line) for line in (result.path("sft") / "removed.jsonl").read_text().splitlines()]
+    # The data entry holds the removed rows and the counts; the training stage repeats the total.
+    removed = [json.loads(line) for line in (result.path("sft.data") / "removed.jsonl").read_text().splitlines()]
     assert len(removed) == len(PLANTED) and all(r["action"] == "drop" for r in removed)
-    assert result.metrics("sft")["decontamination"]["contaminated"] == len(PLANTED)
+    assert result.metrics("sft.data")["decontamination"]["contaminated"] == len(PLANTED)
+    assert result.metrics("sft")["decontaminated_rows"] == len(PLANTED)
     report = cli("report", str(recipe), "--out", str(tmp_path / "report"))
     assert report.returncode == 0 and "6 of 10 rows contained evaluation items (drop; eval_items.jsonl: 6)" in \
         (tmp_path / "report" / "report.md").read_text()

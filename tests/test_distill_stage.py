@@ -83,7 +83,7 @@ def test_distilled_student_is_closer_to_the_teacher_than_sft_on_the_same_tokens(
     result = posttrain.run(recipe_with(tmp_path, stages))
     from transformers import AutoTokenizer
 
-    from posttrain.training.tokenize import IGNORE, tokenize_row
+    from posttrain.data.tokens import IGNORE, tokenize_row
 
     tok = AutoTokenizer.from_pretrained(result.path("teacher"))
     rows = [json.loads(line) for line in HELDOUT.read_text().splitlines()][:32]
@@ -163,7 +163,9 @@ def test_capture_resumes_shard_by_shard(tmp_path):
     base = Registry(tmp_path / "registry").load(result.entries["base"].key)
     from posttrain.stages import InputEntry
 
-    ctx = StageContext("capture", {"teacher": InputEntry(base.key, base.path, "model", base.manifest)},
+    data = Registry(tmp_path / "registry").load(result.entries["capture.data"].key)
+    ctx = StageContext("capture", {"teacher": InputEntry(base.key, base.path, "model", base.manifest),
+                                   "data": InputEntry(data.key, data.path, "data", data.manifest)},
                        out, work, ROOT, 42)
     metrics = stage.run(config, ctx)
     assert metrics["shards_resumed"] == 1 and metrics["shards"] == 3

@@ -29,7 +29,7 @@ def dpo_recipe(folder, steps=20, **stage):
 
 def sequence_logp(model, tokenizer, prompt, completion) -> float:
     """log p(completion | prompt), computed directly with the model (independent of trl)."""
-    from posttrain.training.tokenize import chat_token_ids
+    from posttrain.data.tokens import chat_token_ids
 
     prompt_ids = chat_token_ids(tokenizer, prompt, add_generation_prompt=True)
     full = chat_token_ids(tokenizer, prompt + completion)
@@ -87,11 +87,13 @@ def test_stored_reference_logps_equal_an_independent_computation(trained):
     base = trained.path("base")
     model, tok = AutoModelForCausalLM.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
     stored = json.loads((trained.path("dpo") / "reference_logps.json").read_text())
-    # Rebuild the stage's train split exactly as it did (same loader, seed and split).
+    # Rebuild the stage's train split as documented: the mixture's order, less the rows datasets'
+    # train_test_split(test_size=16, seed=42) holds out.
     import datasets
 
     rows, _ = load_preferences(DataConfig(sources=[{"path": str(PREFS)}]), ROOT, seed=42)
-    train = datasets.Dataset.from_list(rows).train_test_split(test_size=16, seed=42)["train"]
+    held = set(datasets.Dataset.from_dict({"i": list(range(len(rows)))}).train_test_split(test_size=16, seed=42)["test"]["i"])
+    train = [row for i, row in enumerate(rows) if i not in held]
     assert len(stored) == len(train)
     for row, ref in list(zip(train, stored))[:4]:
         assert ref["ref_chosen_logps"] == pytest.approx(sequence_logp(model, tok, row["prompt"], row["chosen"]), abs=1e-3)
@@ -107,7 +109,7 @@ def test_sft_lora_then_dpo_runs_with_no_manual_step(tmp_path):
                       **body["stages"]}
     recipe.write_text(yaml.safe_dump(body, sort_keys=False))
     result = posttrain.run(recipe)
-    assert result.ran == ["base", "sft", "dpo"]
+    assert result.ran == ["base", "sft.data", "sft", "dpo.data", "dpo"]
     metrics = result.metrics("dpo")
     assert metrics["reference"] == "adapter-disabled policy" and metrics["lora"] is True
     assert (result.path("dpo") / "adapter" / "adapter_config.json").is_file()

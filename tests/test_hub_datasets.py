@@ -61,7 +61,7 @@ def test_every_sft_source_of_the_flagship_loads_with_the_right_counts(hub, tmp_p
 
 
 def test_toolace_rows_keep_their_function_list_and_tool_turns_and_train_only_on_answers(hub, tmp_path, tokenizer):
-    from posttrain.training.tokenize import IGNORE, tokenize_row
+    from posttrain.data.tokens import IGNORE, tokenize_row
 
     data, ids = flagship_data(hub, "sft")
     rows, _ = load_conversations(data, tmp_path, 0)
@@ -146,7 +146,7 @@ def test_openai_tool_calls_with_arrow_nulls_render_like_the_official_template(tm
     official = reference_file("chat_template.jinja").read_text()
     ours = tokenizer.apply_chat_template(row["messages"], tokenize=False)
     assert ours == tokenizer.apply_chat_template(row["messages"], chat_template=official, tokenize=False)
-    from posttrain.training.tokenize import IGNORE, tokenize_row
+    from posttrain.data.tokens import IGNORE, tokenize_row
 
     ids, labels, _ = tokenize_row(tokenizer, row, 4096, assistant_only=True)
     trained = tokenizer.decode([t for t, l in zip(ids, labels) if l != IGNORE])
@@ -194,7 +194,7 @@ def test_sft_stage_records_per_source_counts_and_warns_when_a_source_loses_rows(
     assert "warning: " in result.stdout and "2 of 8 rows (25%) skipped as bad" in result.stdout
     import posttrain
 
-    sources = posttrain.run(recipe).metrics("sft")["sources"]
+    sources = posttrain.run(recipe).metrics("sft.data")["sources"]
     assert [(s["rows_read"], s["rows_used"], s["skipped"]) for s in sources] == [(8, 6, 2), (6, 6, 0)]
     assert sources[0]["truncated"] == 0
     assert sources[1]["truncated"] == 6  # ToolACE rows, with their function list, run ~295 tokens

@@ -61,7 +61,7 @@ def pipeline(hub_base, tmp_path_factory):
 def test_real_tokenizer_renders_like_the_official_template_with_right_masks(hub_base):
     from transformers import AutoTokenizer
 
-    from posttrain.training.tokenize import IGNORE, tokenize_row
+    from posttrain.data.tokens import IGNORE, tokenize_row
 
     tokenizer = AutoTokenizer.from_pretrained(hub_base)
     assert len(tokenizer) == 128256 and tokenizer("Hello world!")["input_ids"] == [BOS, 9906, 1917, 0]

@@ -249,13 +249,13 @@ def test_a_change_to_a_module_a_stage_runs_changes_its_key_and_nothing_else_does
     root = tmp_path / "src"
     shutil.copytree(ROOT / "posttrain", root / "posttrain", ignore=shutil.ignore_patterns("__pycache__"))
     closure = {p.relative_to(root).as_posix() for p in module_closure("posttrain.stages.sft", root)}
-    assert {"posttrain/training/sft_run.py", "posttrain/training/tokenize.py", "posttrain/data/formats.py"} <= closure
+    assert {"posttrain/training/sft_run.py", "posttrain/data/tokens.py", "posttrain/data/formats.py"} <= closure
     before = code_fingerprint("posttrain.stages.sft", root)
     report = root / "posttrain" / "report.py"
     report.write_text(report.read_text() + "\n# a comment in a module SFT never runs\n")
     code_fingerprint.cache_clear()
     assert code_fingerprint("posttrain.stages.sft", root) == before
-    tokenize = root / "posttrain" / "training" / "tokenize.py"
+    tokenize = root / "posttrain" / "data" / "tokens.py"
     tokenize.write_text(tokenize.read_text() + "\n# a change in a module SFT runs\n")
     code_fingerprint.cache_clear()
     assert code_fingerprint("posttrain.stages.sft", root) != before

@@ -124,7 +124,8 @@ def test_killed_sft_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypat
     monkeypatch.setenv("POSTTRAIN_REGISTRY", str(registry))
     recipe = sft_recipe(killed_dir, steps=24, save_steps=6)
     run_and_kill_at_checkpoint(recipe, registry, step=12)
-    assert not list(registry.glob("entries/*/adapter")) and len(list(registry.glob("entries/*"))) == 1
+    # the base model and the prepared data are entries; the killed SFT left none
+    assert not list(registry.glob("entries/*/adapter")) and len(list(registry.glob("entries/*"))) == 2
 
     resumed = posttrain.run(recipe)
     assert resumed.ran == ["sft"]
@@ -194,7 +195,7 @@ def test_editing_the_data_file_reruns_sft_and_nothing_else(tmp_path, capsys):
     capsys.readouterr()
     assert main(["plan", str(recipe)]) == 0
     out = capsys.readouterr().out
-    assert "contents of data.sources.0.path changed" in out and "1 of 2 stages would run" in out
+    assert "contents of data.sources.0.path changed" in out and "2 of 3 stages would run" in out
 
 
 def test_eval_from_a_named_heldout_file(tmp_path):

@@ -34,7 +34,7 @@ def test_quickstart_runs_base_sft_dpo(tmp_path):
     import posttrain
 
     result = posttrain.run(RECIPES[[p.name for p in RECIPES].index("quickstart.yaml")])
-    assert result.ran == ["base", "sft", "dpo"]
+    assert result.ran == ["base", "sft.data", "sft", "dpo.data", "dpo"]
     sft, dpo = result.metrics("sft"), result.metrics("dpo")
     assert sft["final_eval_loss"] < sft["loss"][0]["value"]
     assert dpo["rewards_accuracies"][-1]["value"] >= 0.75

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from posttrain.data.formats import BadRow
-from posttrain.data.sources import DataConfig, DataSource, _read_rows, load_hub_dataset, skip_reason
+from posttrain.data.sources import DataConfig, DataSource, iter_source_rows, load_hub_dataset, skip_reason
 from posttrain.errors import UserError
 
 
@@ -42,7 +42,7 @@ def sample_rows(source: DataSource, recipe_dir: Path, rows: int):
             load_hub_dataset(source)  # raises the UserError a run would give
             raise UserError(f"could not stream {source.label}: {exc}") from exc
         return [(source.label, i + 1, row) for i, row in enumerate(itertools.islice(stream, rows))]
-    return list(itertools.islice(_read_rows(source, recipe_dir), rows))
+    return list(itertools.islice(iter_source_rows(source, recipe_dir), rows))
 
 
 def inspect_source(source: DataSource, recipe_dir: Path, normalise: Callable, rows: int) -> SourceReport:

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
+from array import array
 import random
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from pydantic import Field, model_validator
 
@@ -65,6 +67,8 @@ class DataConfig(StrictModel):
     decontaminate: Decontamination | None = Field(
         None, description="Check rows against evaluation items first (drop or flag the ones that contain one).")
     overlong: Literal["truncate", "drop"] = "truncate"
+    workers: int | None = Field(None, ge=1, description="Processes that tokenise while preparing the data (default: "
+                                                         "the CPU count, at most 8; small data is done in-process).")
 
 
 def source_files(source: DataSource, recipe_dir: Path) -> list[Path]:
@@ -82,16 +86,18 @@ def source_files(source: DataSource, recipe_dir: Path) -> list[Path]:
     return [path]
 
 
-def _read_rows(source: DataSource, recipe_dir: Path) -> list[tuple[str, int, Any]]:
-    """(file label, 1-based row number, raw row) for every row of a source. Rows are numbered by the
-    line they are on in .jsonl and .csv files (the header is line 1), by position elsewhere."""
-    rows: list[tuple[str, int, Any]] = []
+def iter_source_rows(source: DataSource, recipe_dir: Path) -> Iterator[tuple[str, int, Any]]:
+    """(file label, 1-based row number, raw row) for every row of a source, read incrementally (a hub
+    or parquet source through Arrow, a .jsonl file line by line). Rows are numbered by the line they
+    are on in .jsonl and .csv files (the header is line 1), by position elsewhere."""
     if source.hub:
         ds = load_hub_dataset(source)
-        return [(source.label, i + 1, row) for i, row in enumerate(ds)]
+        for i, row in enumerate(ds):
+            yield source.label, i + 1, row
+        return
     for file in source_files(source, recipe_dir):
         if file.suffix == ".jsonl":
-            rows.extend(_jsonl_rows(file))
+            yield from _jsonl_rows(file)
         elif file.suffix == ".json":
             try:
                 data = json.loads(_utf8_text(file))
@@ -99,9 +105,9 @@ def _read_rows(source: DataSource, recipe_dir: Path) -> list[tuple[str, int, Any
                 raise UserError(f"{file}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
             if not isinstance(data, list):
                 raise UserError(f"{file}: a .json data file must hold a list of rows")
-            rows.extend((str(file), i + 1, row) for i, row in enumerate(data))
+            yield from ((str(file), i + 1, row) for i, row in enumerate(data))
         elif file.suffix == ".csv":
-            rows.extend(_csv_rows(file))
+            yield from _csv_rows(file)
         else:
             import datasets
 
@@ -110,8 +116,7 @@ def _read_rows(source: DataSource, recipe_dir: Path) -> list[tuple[str, int, Any
             except Exception as exc:  # pyarrow and datasets raise many types for a damaged file
                 raise UserError(f"{file}: cannot be read as {file.suffix[1:]} ({type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
-            rows.extend((str(file), i + 1, row) for i, row in enumerate(ds))
-    return rows
+            yield from ((str(file), i + 1, row) for i, row in enumerate(ds))
 
 
 def _check_text_bytes(file: Path, head: bytes) -> None:
@@ -132,10 +137,9 @@ def _utf8_text(file: Path) -> str:
                         "save the file as UTF-8") from None
 
 
-def _jsonl_rows(file: Path) -> list[tuple[str, int, Any]]:
+def _jsonl_rows(file: Path) -> Iterator[tuple[str, int, Any]]:
     """Line by line (not through Arrow), so a bad row is reported by its line number and rows with
     differing shapes are each checked instead of failing the whole file."""
-    rows = []
     with open(file, "rb") as handle:
         _check_text_bytes(file, handle.read(8192))
         handle.seek(0)
@@ -143,16 +147,15 @@ def _jsonl_rows(file: Path) -> list[tuple[str, int, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                rows.append((str(file), number, BadRow("", f"not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
-                                                            "save the file as UTF-8")))
+                yield str(file), number, BadRow("", f"not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                                                    "save the file as UTF-8")
                 continue
             if not line.strip():
                 continue
             try:
-                rows.append((str(file), number, json.loads(line)))
+                yield str(file), number, json.loads(line)
             except json.JSONDecodeError as exc:
-                rows.append((str(file), number, BadRow("", f"invalid JSON: {exc.msg}")))
-    return rows
+                yield str(file), number, BadRow("", f"invalid JSON: {exc.msg}")
 
 
 def _csv_rows(file: Path) -> list[tuple[str, int, Any]]:
@@ -263,62 +266,99 @@ def load_preferences(config: DataConfig, recipe_dir: Path, seed: int) -> tuple[l
     return load_rows(config, recipe_dir, seed, lambda row, source: to_preference(row))
 
 
-def load_rows(config: DataConfig, recipe_dir: Path, seed: int, normalise) -> tuple[list[dict], dict[str, Any]]:
-    """Read, rename, normalise (or report/skip bad rows), weight and shuffle every source's rows.
+@dataclass
+class SourceCount:
+    """What reading one source found: rows read and bad rows skipped, by reason."""
 
-    Each kept row carries `source` (its source's index) so later steps can count per source; the stats
-    hold totals and, under `sources`, each source's rows read, used and skipped by reason."""
+    read: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def normalised_rows(source: DataSource, index: int, config: DataConfig, recipe_dir: Path, normalise,
+                    count: SourceCount) -> Iterator[tuple[dict, dict]]:
+    """({"file", "row"}, normalised row) for every usable row of one source, streamed. A bad row ends the
+    run with `file: row N: field F: message`, or is counted in `count` under `on_bad_rows: skip`."""
+    for file, number, raw in iter_source_rows(source, recipe_dir):
+        count.read += 1
+        try:
+            if isinstance(raw, BadRow):
+                raise raw
+            if not isinstance(raw, dict):
+                raise BadRow("", "a row must be a mapping")
+            row = {source.columns.get(k, k): v for k, v in raw.items()}
+            yield {"file": file, "row": number}, {**normalise(row, source), "source": index}
+        except BadRow as bad:
+            if config.on_bad_rows == "error":
+                where = f" field {bad.field}:" if bad.field else ""
+                raise UserError(f"{file}: row {number}:{where} {bad} "
+                                "(fix the row, or set on_bad_rows: skip)") from None
+            reason = skip_reason(bad)
+            count.skipped[reason] = count.skipped.get(reason, 0) + 1
+
+
+def mixture_rows(source: DataSource, kept: int, rng: random.Random) -> array:
+    """Positions (0..kept-1) of one source's usable rows in the mixture: shuffled, repeated or cut by
+    `weight`, cut by `max_samples`. An index array (8 bytes a row), never a copy of the rows; shuffled
+    with the same generator calls as shuffling the rows themselves, so the order is the rows' order."""
+    order = array("q", range(kept))
+    rng.shuffle(order)
+    if source.weight is not None:
+        whole, frac = divmod(source.weight, 1)
+        order = order * int(whole) + order[: round(frac * kept)]
+    if source.max_samples is not None:
+        order = order[: source.max_samples]
+    return order
+
+
+def source_summary(stats: dict[str, Any], config: DataConfig, source: DataSource, count: SourceCount, used: int,
+                   contaminated: int | None) -> None:
+    """Add one source's counts to `stats`, warn when it lost many rows, and refuse a source left empty."""
+    lost = sum(count.skipped.values())
+    read, skipped = count.read, count.skipped
+    stats["rows_read"] += read
+    stats["bad_rows_skipped"] += lost
+    stats["sources"].append({"source": source.label, "rows_read": read, "rows_used": used,
+                             "skipped": lost, "skipped_by_reason": skipped,
+                             **({"contaminated": contaminated} if contaminated is not None else {})})
+    if read and lost / read > config.warn_skipped_share:
+        top = max(skipped, key=skipped.get)
+        message = (f"{source.label}: {lost} of {read} rows ({lost / read:.0%}) skipped as bad; most often: "
+                   f"{top} ({skipped[top]})")
+        stats["warnings"].append(message)
+        logging.getLogger("posttrain.data").warning("%s", message)
+    if not used and contaminated and config.decontaminate.policy == "drop":
+        message = f"{source.label}: all {contaminated} usable rows contain evaluation items; it contributes nothing"
+        stats["warnings"].append(message)
+        logging.getLogger("posttrain.data").warning("%s", message)
+    elif not used:
+        reasons = "; ".join(f"{r} ({n})" for r, n in sorted(skipped.items(), key=lambda x: -x[1])[:3])
+        raise UserError(f"{source.label}: no usable rows" + (f" ({lost} skipped: {reasons})" if lost else ""))
+
+
+def empty_stats() -> dict[str, Any]:
+    return {"rows_read": 0, "bad_rows_skipped": 0, "sources": [], "warnings": []}
+
+
+def load_rows(config: DataConfig, recipe_dir: Path, seed: int, normalise) -> tuple[list[dict], dict[str, Any]]:
+    """Read, rename, normalise (or report/skip bad rows), weight and shuffle every source's rows, in memory.
+
+    For small data (held-out evaluation rows); training data goes through `posttrain.data.prepare`,
+    which streams the same steps into Arrow files and gives the same order. Each kept row carries
+    `source` (its source's index); the stats hold totals and, under `sources`, each source's rows read,
+    used and skipped by reason."""
     rng = random.Random(seed)
     mixture: list[dict] = []
-    stats: dict[str, Any] = {"rows_read": 0, "bad_rows_skipped": 0, "sources": [], "warnings": []}
+    stats = empty_stats()
     checker = Contamination(config.decontaminate, recipe_dir) if config.decontaminate else None
     for index, source in enumerate(config.sources):
-        kept, skipped, read, contaminated = [], {}, 0, 0
-        for file, number, raw in _read_rows(source, recipe_dir):
-            read += 1
-            try:
-                if isinstance(raw, BadRow):
-                    raise raw
-                if not isinstance(raw, dict):
-                    raise BadRow("", "a row must be a mapping")
-                row = {source.columns.get(k, k): v for k, v in raw.items()}
-                kept.append(({"file": file, "row": number}, {**normalise(row, source), "source": index}))
-            except BadRow as bad:
-                if config.on_bad_rows == "error":
-                    where = f" field {bad.field}:" if bad.field else ""
-                    raise UserError(f"{file}: row {number}:{where} {bad} "
-                                    "(fix the row, or set on_bad_rows: skip)") from None
-                reason = skip_reason(bad)
-                skipped[reason] = skipped.get(reason, 0) + 1
+        count = SourceCount()
+        kept = list(normalised_rows(source, index, config, recipe_dir, normalise, count))
+        contaminated = None
         if checker:
             kept, contaminated = checker.filter(kept, source.label)
-        kept = [row for _, row in kept]
-        rng.shuffle(kept)
-        if source.weight is not None:
-            whole, frac = divmod(source.weight, 1)
-            kept = kept * int(whole) + kept[: round(frac * len(kept))]
-        if source.max_samples is not None:
-            kept = kept[: source.max_samples]
-        lost = sum(skipped.values())
-        stats["rows_read"] += read
-        stats["bad_rows_skipped"] += lost
-        stats["sources"].append({"source": source.label, "rows_read": read, "rows_used": len(kept),
-                                 "skipped": lost, "skipped_by_reason": skipped,
-                                 **({"contaminated": contaminated} if checker else {})})
-        if read and lost / read > config.warn_skipped_share:
-            top = max(skipped, key=skipped.get)
-            message = (f"{source.label}: {lost} of {read} rows ({lost / read:.0%}) skipped as bad; most often: "
-                       f"{top} ({skipped[top]})")
-            stats["warnings"].append(message)
-            logging.getLogger("posttrain.data").warning("%s", message)
-        if not kept and contaminated and checker.config.policy == "drop":
-            message = f"{source.label}: all {contaminated} usable rows contain evaluation items; it contributes nothing"
-            stats["warnings"].append(message)
-            logging.getLogger("posttrain.data").warning("%s", message)
-        elif not kept:
-            reasons = "; ".join(f"{r} ({n})" for r, n in sorted(skipped.items(), key=lambda x: -x[1])[:3])
-            raise UserError(f"{source.label}: no usable rows" + (f" ({lost} skipped: {reasons})" if lost else ""))
-        mixture.extend(kept)
+        order = mixture_rows(source, len(kept), rng)
+        source_summary(stats, config, source, count, len(order), contaminated)
+        mixture.extend(kept[i][1] for i in order)
     rng.shuffle(mixture)
     stats["rows_used"] = len(mixture)
     if checker:
@@ -338,26 +378,29 @@ class Contamination:
         self.found: list[dict[str, Any]] = []
 
     def filter(self, rows: list[tuple[dict, dict]], source: str) -> tuple[list[tuple[dict, dict]], int]:
-        """The rows to keep (all of them when flagging) and how many were contaminated; every hit is
-        remembered for removed.jsonl. Large sources are checked by worker processes, with a progress bar."""
+        """The rows to keep (all of them when flagging) and how many were contaminated."""
+        found = [0]
+        kept = list(self.stream(rows, source, self.config.workers if len(rows) >= 20000 else 1, found))
+        return kept, found[0]
+
+    def stream(self, rows, source: str, workers: int, found: list[int]):
+        """The rows to keep, streamed; every hit is counted in `found[0]` and remembered for removed.jsonl.
+        With `workers` > 1 the rows are checked by worker processes, with a progress bar."""
         from tqdm.auto import tqdm
 
         from posttrain.data.decontam import scan
 
-        workers = self.config.workers if len(rows) >= 20000 else 1
-        kept, hits = [], 0
-        progress = tqdm(total=len(rows), unit="rows", desc=f"decontaminating {source}", disable=len(rows) < 20000)
+        progress = tqdm(unit="rows", desc=f"decontaminating {source}", disable=workers <= 1)
         for where, row, match in scan(rows, self.index, workers=workers):
             progress.update()
             if match is not None:
-                hits += 1
+                found[0] += 1
                 self.found.append({**where, "source": source, "task": match.task, "item": match.item,
                                    "matched": match.piece, "ngram": match.ngram, "action": self.config.policy})
                 if self.config.policy == "drop":
                     continue
-            kept.append((where, row))
+            yield where, row
         progress.close()
-        return kept, hits
 
     def summary(self, checked: int) -> dict[str, Any]:
         by_task: dict[str, int] = {}

@@ -6,6 +6,7 @@ or `defaults` entry that set it, or the command line for an override).
 from __future__ import annotations
 
 import difflib
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from posttrain.errors import Problem, RecipeError, UserError
 from posttrain.recipe.merge import COMMAND_LINE, deep_merge, leaf_paths, parse_overrides
 from posttrain.recipe.model import RESERVED_NAMES, Recipe
 from posttrain.recipe.yaml_lines import load_yaml_with_lines
-from posttrain.stages import Stage, StageConfig, get_stage, known_kinds
+from posttrain.stages import INTERNAL_KINDS, Stage, StageConfig, get_stage, known_kinds
 
 BASE = "base"
 
@@ -221,7 +222,38 @@ def _validate_stages(data: dict, recipe_dir: Path, report, origins: _Origins, de
             if not p.exists():
                 report(loc + tuple(key.split(".")), f"file not found: {p}")
         resolved[name] = ResolvedStage(name, kind, stage, config, stage.inputs(config))
+    _add_prepared_steps(resolved)
     return resolved
+
+
+def tokenizer_origin(stages: dict[str, ResolvedStage], name: str) -> str:
+    """The stage or model that last set the tokenizer `name`'s output carries: stages that keep their
+    input's tokenizer (`Stage.keeps_tokenizer`) are followed back to their input."""
+    item = stages[name]
+    while True:
+        kept = item.stage.keeps_tokenizer(item.config)
+        if not kept or item.inputs.get(kept) not in stages:
+            return item.name
+        item = stages[item.inputs[kept]]
+
+
+def _add_prepared_steps(resolved: dict[str, ResolvedStage]) -> None:
+    """Put a `prepare_data` step in front of every stage that reads data (`Stage.prepared_data`), named
+    `<stage>.<input>` (a name no recipe can use) and shuffled with the stage's seed. Inputs of one stage
+    that ask for the same data through the same tokenizer (an eval of several models) share one step."""
+    stage = get_stage("prepare_data")
+    for name, item in list(resolved.items()):
+        made: dict[tuple, str] = {}
+        for input_name, body in item.stage.prepared_data(item.config).items():
+            if body["model"] not in resolved:
+                continue  # the stage's own reference to it is reported as unknown
+            config = stage.Config.model_validate({"kind": "prepare_data", "seed": item.config.seed, **body})
+            settings = config.model_dump(mode="json", exclude={"model"})
+            group = (json.dumps(settings, sort_keys=True), tokenizer_origin(resolved, body["model"]))
+            if group not in made:
+                made[group] = f"{name}.{input_name}"
+                resolved[made[group]] = ResolvedStage(made[group], "prepare_data", stage, config, stage.inputs(config))
+            item.inputs[input_name] = made[group]
 
 
 def _stage_kind(name: str, body, loc: tuple, model_names: set[str], kinds: list[str], report):
@@ -236,14 +268,18 @@ def _stage_kind(name: str, body, loc: tuple, model_names: set[str], kinds: list[
     if kind is None:
         report(loc, f"missing `kind` (one of: {', '.join(k for k in kinds if k != 'model')})")
         return None
+    if kind in INTERNAL_KINDS:
+        report(loc + ("kind",), f"kind {kind!r} is added by posttrain itself, in front of the stages that need it")
+        return None
     if not isinstance(kind, str) or kind not in kinds:
         report(loc + ("kind",), f"unknown stage kind {kind!r}{_suggest(str(kind), kinds)}")
         return None
     try:
-        return get_stage(kind)
+        stage = get_stage(kind)
     except UserError as exc:
         report(loc + ("kind",), str(exc))
         return None
+    return stage
 
 
 def _source_models(data: dict) -> list[tuple[str, dict]]:

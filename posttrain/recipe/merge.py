@@ -7,6 +7,7 @@ from typing import Any
 import yaml
 
 from posttrain.errors import Problem
+from posttrain.recipe.yaml_lines import load_value
 
 COMMAND_LINE = "command line"
 
@@ -39,7 +40,7 @@ def parse_overrides(items: list[str]) -> tuple[dict, list[Problem]]:
             problems.append(Problem(COMMAND_LINE, None, key or item, f"override {item!r} must look like key.path=value"))
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = load_value(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             problems.append(Problem(COMMAND_LINE, None, key, f"value {raw!r} is not valid YAML: {exc}"))
             continue

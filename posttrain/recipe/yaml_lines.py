@@ -1,6 +1,7 @@
 """Load YAML safely while remembering the line of every key, so errors can say `FILE:LINE: key`."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -10,13 +11,29 @@ from posttrain.errors import Problem
 KeyPath = tuple[Any, ...]
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """The safe loader, reading `2e-5` as the float people mean (YAML 1.1 wants `2.0e-5` and would give
+    the string "2e-5", which a trainer then refuses or, worse, compares as text)."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_value(text: str) -> Any:
+    """One YAML value (e.g. of a command-line override), read as recipe files are."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - RecipeLoader is a SafeLoader
+
+
 def load_yaml_with_lines(text: str, filename: str) -> tuple[Any, dict[KeyPath, int], list[Problem]]:
     """Parse `text` with the safe loader.
 
     Returns the data, a map from key path (tuple of keys / list indices) to its 1-based line, and the
     problems found (syntax errors and duplicate keys, which plain `safe_load` would silently accept).
     """
-    loader = yaml.SafeLoader(text)
+    loader = RecipeLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:

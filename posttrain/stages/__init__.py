@@ -17,9 +17,12 @@ BUILTIN_STAGES: dict[str, str] = {
     "distill": "posttrain.stages.distill:DistillStage",
     "merge": "posttrain.stages.merge:MergeStage",
     "eval": "posttrain.stages.evaluate:EvalStage",
+    "prepare_data": "posttrain.stages.prepare_data:PrepareDataStage",
 }
 
 ENTRY_POINT_GROUP = "posttrain.stages"
+# Kinds the recipe loader adds by itself; a recipe cannot name them.
+INTERNAL_KINDS = frozenset({"prepare_data"})
 
 
 @lru_cache(maxsize=1)
@@ -32,7 +35,8 @@ def _plugin_targets() -> dict[str, str]:
 
 
 def known_kinds() -> list[str]:
-    return sorted(set(BUILTIN_STAGES) | set(_plugin_targets()))
+    """The kinds a recipe may name."""
+    return sorted((set(BUILTIN_STAGES) | set(_plugin_targets())) - INTERNAL_KINDS)
 
 
 @lru_cache(maxsize=None)
@@ -51,4 +55,4 @@ def get_stage(kind: str) -> Stage:
     return stage
 
 
-__all__ = ["BUILTIN_STAGES", "InputEntry", "Stage", "StageConfig", "StageContext", "get_stage", "known_kinds"]
+__all__ = ["BUILTIN_STAGES", "INTERNAL_KINDS", "InputEntry", "Stage", "StageConfig", "StageContext", "get_stage", "known_kinds"]

@@ -90,12 +90,25 @@ class Stage(ABC):
     # changing them never rebuilds a finished entry (dotted paths into the config).
     operational_keys: ClassVar[tuple[str, ...]] = (
         "save_steps", "training.logging_steps", "training.logging_first_step", "training.report_to",
-        "training.save_total_limit", "training.dataloader_num_workers", "training.disable_tqdm")
-    produces: ClassVar[Literal["model", "logits", "eval", "files"]] = "model"
+        "training.save_total_limit", "training.dataloader_num_workers", "training.disable_tqdm",
+        "data.workers", "data.decontaminate.workers", "data.warn_skipped_share")
+    produces: ClassVar[Literal["model", "logits", "eval", "files", "data"]] = "model"
+    # False for work that rank 0 does alone while the other ranks of a launch wait for its entry.
+    runs_on_every_rank: ClassVar[bool] = True
 
     def inputs(self, config: StageConfig) -> dict[str, str]:
         """Map each input's dotted config path to the stage or model name it refers to."""
         return {}
+
+    def prepared_data(self, config: StageConfig) -> dict[str, dict[str, Any]]:
+        """Input name -> `prepare_data` config for each dataset this stage reads prepared (the loader adds
+        a `<stage>.<input>` step for it and hands its entry to the stage as that input)."""
+        return {}
+
+    def keeps_tokenizer(self, config: StageConfig) -> str | None:
+        """The input whose tokenizer this stage's output carries unchanged, if any: prepared data made
+        with either tokenizer is the same, so its key follows the tokenizer back to where it was set."""
+        return None
 
     def local_files(self, config: StageConfig) -> dict[str, str]:
         """Map dotted config paths to local files/folders this stage reads (checked, fingerprinted)."""

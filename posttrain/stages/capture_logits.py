@@ -38,6 +38,11 @@ class CaptureLogitsStage(Stage):
     def inputs(self, config: CaptureConfig) -> dict[str, str]:
         return {"teacher": config.teacher}
 
+    def prepared_data(self, config: CaptureConfig) -> dict[str, dict[str, Any]]:
+        # Assistant-only masks, as an SFT stage's default: both can share one prepared entry.
+        return {"data": {"model": config.teacher, "format": "chat", "data": config.data, "assistant_only": True,
+                         "chat_template": config.chat_template}}
+
     def local_files(self, config: CaptureConfig) -> dict[str, str]:
         return local_data_files(config.data)
 

@@ -78,6 +78,9 @@ class DistillStage(Stage):
             refs["teacher_logits"] = config.teacher_logits
         return refs
 
+    def keeps_tokenizer(self, config: DistillConfig) -> str | None:
+        return "model"
+
     def local_files(self, config: DistillConfig) -> dict[str, str]:
         if config.logits_dataset and config.logits_dataset.path:
             return {"logits_dataset.path": config.logits_dataset.path}

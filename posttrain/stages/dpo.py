@@ -60,6 +60,13 @@ class DPOStage(Stage):
             refs["ref_model"] = config.ref_model
         return refs
 
+    def prepared_data(self, config: DPOStageConfig) -> dict[str, dict[str, Any]]:
+        return {"data": {"model": config.model, "format": "preference", "data": config.data,
+                         "chat_template": config.chat_template}}
+
+    def keeps_tokenizer(self, config: DPOStageConfig) -> str | None:
+        return None if config.chat_template else "model"
+
     def local_files(self, config: DPOStageConfig) -> dict[str, str]:
         return local_data_files(config.data)
 

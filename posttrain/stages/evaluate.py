@@ -53,6 +53,21 @@ class EvalStage(Stage):
             refs["kl_to"] = config.kl_to
         return refs
 
+    def prepared_data(self, config: EvalConfig) -> dict[str, dict[str, Any]]:
+        """Held-out data, prepared with each evaluated model's tokenizer (models that share a tokenizer
+        share one step): token ids and labels for perplexity, pairs for preference, prompts and
+        reference answers for exact match."""
+        steps: dict[str, dict[str, Any]] = {}
+        for i, model in enumerate(config.models):
+            if config.perplexity:
+                steps[f"perplexity_data.{i}"] = {"model": model, "format": "chat", "data": config.perplexity}
+            if config.preference:
+                steps[f"preference_data.{i}"] = {"model": model, "format": "preference", "data": config.preference}
+            if config.exact_match:
+                steps[f"exact_match_data.{i}"] = {"model": model, "format": "generation",
+                                                  "data": config.exact_match.data}
+        return steps
+
     def local_files(self, config: EvalConfig) -> dict[str, str]:
         files = {f"task_dirs.{i}": d for i, d in enumerate(config.task_dirs)}
         if config.perplexity:

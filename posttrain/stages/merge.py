@@ -39,6 +39,9 @@ class MergeStage(Stage):
     Config = MergeConfig
     produces = "model"
 
+    def keeps_tokenizer(self, config: MergeConfig) -> str | None:
+        return "base_model" if config.tokenizer_source == "base" else None  # its files are copied as they are
+
     def inputs(self, config: MergeConfig) -> dict[str, str]:
         refs = {f"models.{i}.model": item.model for i, item in enumerate(config.models)}
         refs["base_model"] = config.base_model or config.models[0].model

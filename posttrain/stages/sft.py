@@ -32,6 +32,13 @@ class SFTStage(Stage):
     def inputs(self, config: SFTStageConfig) -> dict[str, str]:
         return {"model": config.model}
 
+    def prepared_data(self, config: SFTStageConfig) -> dict[str, dict[str, Any]]:
+        return {"data": {"model": config.model, "format": "chat", "data": config.data,
+                         "assistant_only": config.assistant_only_loss, "chat_template": config.chat_template}}
+
+    def keeps_tokenizer(self, config: SFTStageConfig) -> str | None:
+        return None if config.chat_template else "model"
+
     def local_files(self, config: SFTStageConfig) -> dict[str, str]:
         return local_data_files(config.data)
 

@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from typing import Any
 
 import numpy as np
 
-from posttrain.data.sources import load_conversations, write_contamination_report
 from posttrain.kd.shards import read_shard, shard_meta, write_index, write_shard
 from posttrain.kd.tokenizer_check import special_token_ids, tokenizer_hash
 from posttrain.errors import UserError
 from posttrain.context import StageContext
 from posttrain.training.trainer_common import load_chat_tokenizer
-from posttrain.training.tokenize import IGNORE, tokenize_row
+from posttrain.data.tokens import IGNORE
+from posttrain.training.splits import prepared_datasets
 
 
 POSITION_CHUNK = 1024  # positions whose logits exist at once (1024 x 128256 fp32 = 0.5 GB)
@@ -96,17 +95,11 @@ def shard_groups(lengths: list[int], max_sequences: int, max_bytes: int, per_pos
     return groups
 
 
-def _tokenized(rows: list[dict], tokenizer, data) -> tuple[list[list[int]], list[list[int]], int]:
-    """Token ids and assistant masks of every row (over-long rows cut or left out), and how many were cut."""
-    sequences, masks, truncated = [], [], 0
-    for row in rows:
-        ids, labels, was_truncated = tokenize_row(tokenizer, row, data.max_length, assistant_only="messages" in row)
-        if was_truncated and data.overlong == "drop":
-            continue
-        truncated += was_truncated
-        sequences.append(ids)
-        masks.append([int(label != IGNORE) for label in labels])
-    return sequences, masks, truncated
+def _sequences(dataset, first: int, last: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids and assistant masks of prepared rows [first, last): one shard's worth, read from the
+    memory-mapped Arrow files when that shard is made."""
+    part = dataset[first:last]
+    return part["input_ids"], [[int(label != IGNORE) for label in labels] for labels in part["labels"]]
 
 
 def _teacher_targets(model, batch: list[list[int]], pad_id: int, k: int, config, generator):
@@ -145,17 +138,14 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
 
     teacher_entry = ctx.inputs["teacher"]
     tokenizer = load_chat_tokenizer(teacher_entry.path, config.chat_template, ctx)
-    rows, stats = load_conversations(config.data, ctx.recipe_dir, ctx.seed)
-    write_contamination_report(stats, ctx.out_dir)
-    sequences, masks, truncated = _tokenized(rows, tokenizer, config.data)
-    if not sequences:
-        raise UserError("no sequences to capture (all rows dropped as over-long)")
+    dataset, _, stats = prepared_datasets(ctx, tokenizer)
+    lengths = np.asarray(dataset.data.column("length"), dtype=np.int64)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(teacher_entry.path, dtype="auto").to(device).eval()
     vocab = model.config.vocab_size
     if config.mode == "topk" and config.k > vocab:
         raise UserError(f"k = {config.k} is larger than the teacher's vocabulary ({vocab})")
-    data_hash = hashlib.sha256(json.dumps(sequences).encode()).hexdigest()
+    data_hash = ctx.inputs["data"].key  # the prepared data's content address: same rows, same tokens
     meta = shard_meta(
         teacher=teacher_name(teacher_entry),
         teacher_key=teacher_entry.key, tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=vocab,
@@ -167,38 +157,38 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
     shard_dir = ctx.work_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device="cpu").manual_seed(ctx.seed)
-    total_tokens = sum(len(s) for s in sequences)
+    total_tokens = int(lengths.sum())
     index, error_sum, error_count, started, resumed = [], 0.0, 0, time.time(), 0
     tail_errors: list[tuple[float, int, int]] = []
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="capturing teacher logits")
     per_position = stored_bytes_per_position(vocab, meta["k"], config.encoding)
-    for shard_no, (first, last) in enumerate(shard_groups([len(s) for s in sequences], config.shard_sequences,
+    for shard_no, (first, last) in enumerate(shard_groups(lengths.tolist(), config.shard_sequences,
                                                           config.shard_bytes, per_position)):
-        group = slice(first, last)
         path = shard_dir / f"shard-{shard_no:05d}.safetensors"
-        group_tokens = sum(len(s) for s in sequences[group])
+        group_tokens = int(lengths[first:last].sum())
         if path.exists():
             try:
                 read_shard(path, {"data_fingerprint": data_hash, "k": meta["k"], "encoding": config.encoding})
-                index.append({"file": path.name, "sequences": len(sequences[group]), "tokens": group_tokens})
+                index.append({"file": path.name, "sequences": last - first, "tokens": group_tokens})
                 resumed += 1
                 bar.update(group_tokens)
                 continue  # finished before an interruption: shard by shard resume
             except UserError:
                 path.unlink()
         parts = []
-        for start in range(first, last, config.batch_size):
-            batch = sequences[start:min(start + config.batch_size, last)]
+        sequences, masks = _sequences(dataset, first, last)
+        for start in range(0, last - first, config.batch_size):
+            batch = sequences[start:start + config.batch_size]
             parts.append(_teacher_targets(model, batch, tokenizer.pad_token_id or 0, meta["k"], config, generator))
             bar.update(sum(len(seq) for seq in batch))
             ctx.progress({"tokens": bar.n, "step": bar.n, "total": total_tokens})
         ids_np, values_np, tails_np = (np.concatenate([part[i] for part in parts]) for i in range(3))
-        stored = write_shard(path, sequences[group], masks[group], ids_np, values_np, meta, tails_np)
+        stored = write_shard(path, sequences, masks, ids_np, values_np, meta, tails_np)
         finite = np.isfinite(stored) & np.isfinite(values_np)
         error_sum += float(np.abs(stored - values_np)[finite].sum())
         error_count += int(finite.sum())
         tail_errors.append(tail_error(stored, tails_np, config.mode))
-        index.append({"file": path.name, "sequences": len(sequences[group]), "tokens": group_tokens})
+        index.append({"file": path.name, "sequences": last - first, "tokens": group_tokens})
     bar.close()
     seconds = time.time() - started
     if ctx.is_main:
@@ -207,8 +197,7 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
         write_index(ctx.out_dir, meta, index)
     stored = sum((ctx.out_dir / item["file"]).stat().st_size for item in index) if ctx.is_main else 0
     stats.update(
-        sequences=len(sequences), tokens=total_tokens, shards=len(index), shards_resumed=resumed,
-        truncated_samples=truncated, seconds=round(seconds, 3),
+        sequences=len(lengths), tokens=total_tokens, shards=len(index), shards_resumed=resumed, seconds=round(seconds, 3),
         tokens_per_second=round(total_tokens / max(seconds, 1e-9), 1),
         bytes_per_token=round(stored / total_tokens, 2),
         mean_abs_value_error=(error_sum / error_count) if error_count else None,

@@ -4,47 +4,27 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from posttrain.data.sources import load_preferences, write_contamination_report
-from posttrain.errors import UserError
 from posttrain.context import StageContext
 from posttrain.training.trainer_common import (callbacks, device_defaults, load_chat_tokenizer, lora_config,
                                                save_model_entry)
 from posttrain.training.trainer_common import train as train_model
-from posttrain.training.splits import train_and_eval
-from posttrain.training.tokenize import chat_token_ids
+from posttrain.training.splits import prepared_datasets
 
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
-def build_preference_datasets(config, tokenizer, ctx: StageContext):
-    if not tokenizer.chat_template:
-        raise UserError("the model's tokenizer has no chat template; set base.chat_template (e.g. llama-3.1) "
-                        "or the stage's chat_template")
-    rows, stats = load_preferences(config.data, ctx.recipe_dir, ctx.seed)
-    write_contamination_report(stats, ctx.out_dir)
-    kept, counts = _filter_overlong(rows, config, tokenizer)
-    if not kept:
-        raise UserError("no preference pairs left after dropping over-long rows (raise data.max_length)")
-    stats.update(truncated_samples=counts["truncated"], dropped_samples=counts["dropped"])
-    dataset, evaluation = train_and_eval(kept, config.data, ctx, load_preferences,
-                                         lambda rows: _filter_overlong(rows, config, tokenizer)[0])
-    stats["train_pairs"] = len(dataset)
-    stats["eval_pairs"] = len(evaluation) if evaluation is not None else 0
-    return dataset, evaluation, stats
+def preference_trainer(base):
+    """trl's DPOTrainer over prepared pairs: prompt_ids/chosen_ids/rejected_ids are already made (with
+    trl's own rule for where the completion starts) and the pairs whose prompt fills max_length left
+    out, so trl's dataset preparation (a `map` over every pair) is skipped."""
 
+    class PreparedDPOTrainer(base):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "prompt_ids" in dataset.column_names:
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
-def _filter_overlong(rows: list[dict], config, tokenizer) -> tuple[list[dict], dict[str, int]]:
-    """Count pairs longer than max_length (trl truncates them); drop them if the recipe says so."""
-    kept, counts = [], {"truncated": 0, "dropped": 0}
-    for row in rows:
-        longest = max(len(chat_token_ids(tokenizer, row["prompt"] + row[side])) for side in ("chosen", "rejected"))
-        if longest > config.data.max_length:
-            if config.data.overlong == "drop":
-                counts["dropped"] += 1
-                continue
-            counts["truncated"] += 1
-        kept.append({key: row[key] for key in ("prompt", "chosen", "rejected")})
-    return kept, counts
+    return PreparedDPOTrainer
 
 
 def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
@@ -54,7 +34,8 @@ def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
 
     source = ctx.inputs["model"].path
     tokenizer = load_chat_tokenizer(source, config.chat_template, ctx)
-    train, evaluation, metrics = build_preference_datasets(config, tokenizer, ctx)
+    train, evaluation, metrics = prepared_datasets(ctx, tokenizer)
+    metrics["train_pairs"], metrics["eval_pairs"] = metrics.pop("train_samples"), metrics.pop("eval_samples")
     # Loaded from the registry folder, so the policy's name_or_path is a real path (trl derives a
     # reference from it when it needs one; an in-memory model would send it to the hub).
     model = load_trainable(source, config.master_weights)
@@ -79,7 +60,7 @@ def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
         gradient_checkpointing=None,
         **training,
     )
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
+    trainer = preference_trainer(DPOTrainer)(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer, peft_config=lora_config(config.lora), callbacks=callbacks(ctx))
     _, run_metrics = train_model(trainer, checkpoints)
 

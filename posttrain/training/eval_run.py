@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 
-from posttrain.data.sources import load_conversations
-from posttrain.errors import UserError
 from posttrain.context import StageContext
+from posttrain.data.prepare import open_prepared
+from posttrain.data.tokens import IGNORE
+from posttrain.errors import UserError
 from posttrain.eval_tasks import copy_task_dirs
-from posttrain.training.tokenize import IGNORE, chat_token_ids, tokenize_row
 
 
 def prepare_task_dirs(task_dirs: list[str], ctx: StageContext) -> Path | None:
@@ -31,7 +31,7 @@ def run_eval(config, ctx: StageContext) -> dict[str, Any]:
         if config.tasks:
             model_results.update(_lm_eval(entry.path, config, include, bool(chat), ctx.seed))
         if config.perplexity or config.exact_match or config.preference:
-            model_results.update(_builtin(entry.path, config, ctx))
+            model_results.update(_builtin(entry.path, config, ctx, i))
         results[name] = model_results
         ctx.log.info("eval %s: %s", name, json.dumps(model_results))
     if ctx.is_main:
@@ -68,26 +68,37 @@ def _lm_eval(path: Path, config, include: Path | None, chat: bool, seed: int) ->
     return found
 
 
-def _builtin(path: Path, config, ctx: StageContext) -> dict[str, Any]:
+def _builtin(path: Path, config, ctx: StageContext, index: int) -> dict[str, Any]:
+    """Held-out loss/perplexity (and KL to a teacher), preference accuracy and exact match of model
+    `index`, on its prepared data (memory-mapped; rows are read one at a time)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.training.prepare_run import check_tokenization
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     teacher = None
     if config.kl_to:
         teacher = AutoModelForCausalLM.from_pretrained(ctx.inputs["kl_to"].path, dtype="auto").eval()
+
+    def rows(what: str):
+        """Every prepared row (a held-out split in the eval data's config is evaluated too)."""
+        prepared = ctx.inputs[f"{what}_data.{index}"]
+        check_tokenization(prepared.manifest, tokenizer, ctx.name)
+        for split in ("train", "eval"):
+            yield from open_prepared(prepared.path, split, ctx.work_dir / f"{what}-{index}") or ()
+
     found: dict[str, Any] = {}
     if config.perplexity:
-        rows, _ = load_conversations(config.perplexity, ctx.recipe_dir, ctx.seed)
         total, count, per_row, kl_total = 0.0, 0, [], 0.0
-        for row in rows:
-            ids, labels, _ = tokenize_row(tokenizer, row, config.perplexity.max_length, "messages" in row)
+        for row in rows("perplexity"):
+            ids = torch.tensor([row["input_ids"]])
             with torch.no_grad():
-                logits = model(torch.tensor([ids])).logits[0, :-1].float()
+                logits = model(ids).logits[0, :-1].float()
                 if teacher is not None:
-                    teacher_logp = torch.log_softmax(teacher(torch.tensor([ids])).logits[0, :-1].float(), -1)
-            targets = torch.tensor(labels[1:])
+                    teacher_logp = torch.log_softmax(teacher(ids).logits[0, :-1].float(), -1)
+            targets = torch.tensor(row["labels"][1:])
             keep = targets != IGNORE
             losses = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none")
             total += float(losses.sum())
@@ -104,40 +115,33 @@ def _builtin(path: Path, config, ctx: StageContext) -> dict[str, Any]:
         if teacher is not None:
             found["heldout/kl_to_teacher"] = {"value": kl_total / max(count, 1), "stderr": None}
     if config.preference:
-        from posttrain.data.sources import load_preferences
-
-        pairs, _ = load_preferences(config.preference, ctx.recipe_dir, ctx.seed)
-        margins = [_logp(model, tokenizer, p["prompt"], p["chosen"]) - _logp(model, tokenizer, p["prompt"], p["rejected"])
-                   for p in pairs]
+        margins = [_logp(model, p["prompt_ids"], p["chosen_ids"]) - _logp(model, p["prompt_ids"], p["rejected_ids"])
+                   for p in rows("preference")]
         wins = [float(m > 0) for m in margins]
         accuracy = sum(wins) / len(wins)
         found["preference/accuracy"] = {"value": accuracy,
                                         "stderr": math.sqrt(accuracy * (1 - accuracy) / len(wins)) if len(wins) > 1 else None}
         found["preference/margin"] = {"value": sum(margins) / len(margins), "stderr": None}
     if config.exact_match:
-        rows, _ = load_conversations(config.exact_match.data, ctx.recipe_dir, ctx.seed)
         hits = []
-        for row in rows:
-            messages = row["messages"]
-            prompt = chat_token_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+        for row in rows("exact_match"):
+            prompt = row["prompt_ids"]
             with torch.no_grad():
                 out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                      max_new_tokens=config.exact_match.max_new_tokens, do_sample=False)
             answer = tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
-            hits.append(float(answer == messages[-1]["content"].strip()))
+            hits.append(float(answer == row["answer"]))
         mean = sum(hits) / len(hits)
         found["generation/exact_match"] = {"value": mean,
                                            "stderr": math.sqrt(mean * (1 - mean) / len(hits)) if len(hits) > 1 else None}
     return found
 
 
-def _logp(model, tokenizer, prompt: list[dict], completion: list[dict]) -> float:
+def _logp(model, prompt_ids: list[int], completion_ids: list[int]) -> float:
     """log p(completion | prompt) under `model`, summed over the completion's tokens."""
     import torch
 
-    prompt_ids = chat_token_ids(tokenizer, prompt, add_generation_prompt=True)
-    full = chat_token_ids(tokenizer, prompt + completion)
-    ids = torch.tensor([full])
+    ids = torch.tensor([prompt_ids + completion_ids])
     with torch.no_grad():
         logps = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
     token_logps = logps.gather(1, ids[0, 1:, None])[:, 0]

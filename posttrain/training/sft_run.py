@@ -3,60 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from posttrain.data.sources import load_conversations, write_contamination_report
-from posttrain.errors import UserError
+import numpy as np
+
 from posttrain.context import StageContext
 from posttrain.training.trainer_common import (callbacks, device_defaults, load_chat_tokenizer, logged_series,
                                                lora_config, save_model_entry)
 from posttrain.training.trainer_common import train as train_model
-from posttrain.training.splits import train_and_eval
-from posttrain.training.tokenize import IGNORE, tokenize_row
-
-
-def build_dataset(config, tokenizer, ctx: StageContext):
-    """Tokenised train (and eval) datasets plus data metrics."""
-    rows, stats = load_conversations(config.data, ctx.recipe_dir, ctx.seed)
-    write_contamination_report(stats, ctx.out_dir)
-    records, counts = _tokenize(rows, config, tokenizer, stats["sources"])
-    if not records:
-        raise UserError(f"no training samples left after dropping over-long rows from {_labels(config)} "
-                        "(raise data.max_length)")
-    stats.update(truncated_samples=counts["truncated"], dropped_samples=counts["dropped"])
-    dataset, eval_dataset = train_and_eval(records, config.data, ctx, load_conversations,
-                                           lambda rows: _tokenize(rows, config, tokenizer)[0])
-    stats["train_samples"] = len(dataset)
-    stats["eval_samples"] = len(eval_dataset) if eval_dataset is not None else 0
-    return dataset, eval_dataset, stats
-
-
-def _labels(config) -> str:
-    return ", ".join(source.label for source in config.data.sources)
-
-
-def _tokenize(rows: list[dict], config, tokenizer, per_source: list[dict] | None = None
-              ) -> tuple[list[dict], dict[str, int]]:
-    """Token ids and labels; counts truncated and dropped rows in total and, given `per_source` (the
-    data layer's per-source stats), for each source."""
-    records, counts = [], {"truncated": 0, "dropped": 0}
-    for source in per_source or []:
-        source.update(truncated=0, dropped=0)
-    for row in rows:
-        ids, labels, was_truncated = tokenize_row(tokenizer, row, config.data.max_length, config.assistant_only_loss)
-        outcome = None
-        if was_truncated and config.data.overlong == "drop":
-            outcome = "dropped"
-        elif all(label == IGNORE for label in labels):
-            outcome = "dropped"  # truncation cut every assistant token: nothing to learn from
-        elif was_truncated:
-            outcome = "truncated"
-        if outcome:
-            counts[outcome] += 1
-            if per_source and "source" in row:
-                per_source[row["source"]][outcome] += 1
-        if outcome == "dropped":
-            continue
-        records.append({"input_ids": ids, "labels": labels})
-    return records, counts
+from posttrain.training.splits import prepared_datasets
 
 
 def run_sft(config, ctx: StageContext) -> dict[str, Any]:
@@ -66,7 +19,12 @@ def run_sft(config, ctx: StageContext) -> dict[str, Any]:
 
     source = ctx.inputs["model"].path
     tokenizer = load_chat_tokenizer(source, config.chat_template, ctx)
-    train, evaluation, metrics = build_dataset(config, tokenizer, ctx)
+    train, evaluation, metrics = prepared_datasets(ctx, tokenizer)
+    # Per-sample lengths and label counts, from one Arrow column each (never the rows as Python lists).
+    lengths = np.asarray(train.data.column("length"), dtype=np.int64)
+    label_tokens = int(np.asarray(train.data.column("label_tokens"), dtype=np.int64).sum())
+    if config.packing:
+        train, evaluation = _packed(train, config.data.max_length, ctx), _packed(evaluation, config.data.max_length, ctx)
     model = load_trainable(source, config.master_weights)
     checkpoints = ctx.work_dir / "checkpoints"
     training = device_defaults(dict(config.training), evaluation is not None)
@@ -83,6 +41,8 @@ def run_sft(config, ctx: StageContext) -> dict[str, Any]:
         gradient_checkpointing=None,
         save_strategy="steps",
         save_steps=config.save_steps,
+        # Tokenised, masked, cut (and packed) when the data was prepared: trl only collates.
+        dataset_kwargs={"skip_prepare_dataset": True},
         **training,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
@@ -93,15 +53,14 @@ def run_sft(config, ctx: StageContext) -> dict[str, Any]:
     trained = save_model_entry(trainer, tokenizer, ctx, lora=bool(config.lora), checkpoints=checkpoints)
 
     history = trainer.state.log_history
-    lengths = [len(ids) for ids in train["input_ids"]]
     epochs = float(trainer.state.epoch or 0)
     metrics.update(
         loss=logged_series(history, "loss"),
         eval_loss=logged_series(history, "eval_loss"),
         **run_metrics,
-        tokens_seen=int(sum(lengths) * epochs),
-        tokens_per_second=round(sum(lengths) * epochs / max(seconds, 1e-9), 1),
-        label_tokens=int(sum(sum(1 for t in labels if t != IGNORE) for labels in train["labels"])),
+        tokens_seen=int(lengths.sum() * epochs),
+        tokens_per_second=round(float(lengths.sum()) * epochs / max(seconds, 1e-9), 1),
+        label_tokens=label_tokens,
         padding_fraction=_padding_fraction(lengths, args.per_device_train_batch_size, config.packing or config.padding_free),
         lora=bool(config.lora),
         gradient_checkpointing=bool(args.activation_checkpointing),
@@ -113,13 +72,24 @@ def run_sft(config, ctx: StageContext) -> dict[str, Any]:
     return metrics
 
 
-def _padding_fraction(lengths: list[int], batch_size: int, no_padding: bool) -> float:
+def _padding_fraction(lengths: np.ndarray, batch_size: int, no_padding: bool) -> float:
     """Share of pad tokens when consecutive samples are batched and padded to the longest."""
-    if no_padding or not lengths:
+    if no_padding or not len(lengths):
         return 0.0
-    padded = real = 0
-    for i in range(0, len(lengths), batch_size):
-        batch = lengths[i:i + batch_size]
-        padded += max(batch) * len(batch)
-        real += sum(batch)
-    return round(1 - real / padded, 4)
+    whole = len(lengths) // batch_size * batch_size
+    longest = lengths[:whole].reshape(-1, batch_size).max(axis=1).sum() * batch_size
+    if whole < len(lengths):
+        longest += lengths[whole:].max() * (len(lengths) - whole)
+    return round(1 - float(lengths.sum()) / float(longest), 4)
+
+
+def _packed(dataset, max_length: int, ctx: StageContext):
+    """trl's best-fit packing into max_length rows; the result is cached in the work folder, so a
+    resumed run packs no more."""
+    if dataset is None:
+        return None
+    from trl.data_utils import pack_dataset
+
+    name = "packed-" + dataset._fingerprint + ".arrow"
+    return pack_dataset(dataset.select_columns(["input_ids", "labels"]), max_length, "bfd",
+                        {"cache_file_name": str(ctx.work_dir / name)})

@@ -1,24 +1,29 @@
-"""Train/eval datasets for the training stages: eval from `eval_sources`, else a `test_size` split."""
+"""The train/eval datasets a training stage reads: its prepared data entry, memory-mapped."""
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from posttrain.data.sources import DataConfig, load_eval_rows
 from posttrain.context import StageContext
+from posttrain.data.prepare import open_prepared
+
+# Counts a training stage repeats from its prepared data (the per-source table stays in the data entry).
+DATA_COUNTS = ("rows_read", "rows_used", "bad_rows_skipped", "truncated_samples", "dropped_samples",
+               "train_samples", "eval_samples", "decontaminated_rows", "tokens", "label_tokens")
 
 
-def train_and_eval(records: list[dict], data: DataConfig, ctx: StageContext, loader: Callable,
-                   prepare: Callable[[list[dict]], list[dict]]) -> tuple[Any, Any]:
-    """`records` are prepared training rows; `loader` reads eval sources and `prepare` readies them."""
-    import datasets
+def prepared_datasets(ctx: StageContext, tokenizer, input_name: str = "data") -> tuple[Any, Any, dict[str, Any]]:
+    """(train, eval or None, counts) from the stage's prepared data input."""
+    import time
 
-    dataset = datasets.Dataset.from_list(records)
-    eval_rows = load_eval_rows(data, ctx.recipe_dir, ctx.seed, loader)
-    if eval_rows is not None:
-        return dataset, datasets.Dataset.from_list(prepare(eval_rows))
-    if data.test_size:
-        size = data.test_size
-        split = dataset.train_test_split(test_size=size if size < 1 else int(size), seed=ctx.seed)
-        return split["train"], split["test"]
-    return dataset, None
+    from posttrain.training.prepare_run import check_tokenization
+
+    started = time.perf_counter()
+    prepared = ctx.inputs[input_name]
+    check_tokenization(prepared.manifest, tokenizer, ctx.name)
+    train = open_prepared(prepared.path, "train", ctx.work_dir)
+    evaluation = open_prepared(prepared.path, "eval", ctx.work_dir)
+    found = prepared.manifest.get("metrics", {})
+    counts = {key: found[key] for key in DATA_COUNTS if key in found}
+    counts["prepared_data"] = prepared.key
+    counts["data_seconds"] = round(time.perf_counter() - started, 3)  # opening the files: no tokenising here
+    return train, evaluation, counts
