@@ -73,7 +73,7 @@ def measure(out: Path, args: list[str], env: dict[str, str]) -> dict:
                           env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"failed: {' '.join(args)}\n{proc.stderr[-3000:]}")
-    return json.loads(out.read_text().splitlines()[before])
+    return {**json.loads(out.read_text().splitlines()[before]), "stdout": proc.stdout}
 
 
 def recipe(folder: Path, data: Path, max_length: int) -> Path:
@@ -127,7 +127,8 @@ def main() -> None:
                    "trl_peak_rss_mb": round(theirs["peak_rss_mb"]), "trl_peak_anon_mb": round(theirs["peak_anon_mb"]),
                    "trl_prepare_s": round(trl_prepare, 1), "trl_rows_per_s": round(rows / trl_prepare),
                    "second_sft_data_s": second["metrics"]["data_seconds"],
-                   "second_run_data_step": "cached" if again["exit"] == 0 else "?",
+                   "second_run_data_step": "cached" if any(line.split()[1:2] == ["sft.data"] and "cached" in line
+                                                           for line in again["stdout"].splitlines()) else "rebuilt",
                    "second_run_total_s": round(again["seconds"], 1)}
             results.append(row)
             print(json.dumps(row), flush=True)

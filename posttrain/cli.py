@@ -67,8 +67,9 @@ def cmd_plan(args) -> int:
     width = max(len(i.name) for i in items)
     for item in items:
         inputs = ", ".join(sorted(set(loaded.stages[item.name].inputs.values()))) or "-"
-        print(f"  {item.name:<{width}}  {item.kind:<14} {item.status:<7} {short(item.key)}  <- {inputs:<20} {item.reason}")
-    todo = sum(i.status != "cached" for i in items)
+        key = short(item.key) if item.key != "-" else "pending"
+        print(f"  {item.name:<{width}}  {item.kind:<14} {item.status:<7} {key:<12}  <- {inputs:<20} {item.reason}")
+    todo = sum(i.status not in ("cached", "select") for i in items)
     print(f"{todo} of {len(items)} stages would run")
     launch = loaded.recipe.launch
     print(f"memory estimates ({launch.num_processes} process{'es' if launch.num_processes > 1 else ''}"
@@ -150,6 +151,10 @@ def _summary_table(result) -> list[str]:
     """stage, kind, status, time and the key metric of every stage of the run."""
     rows = [("stage", "kind", "status", "time", "key metric")]
     for name, entry in result.entries.items():
+        if name in result.selections:  # a select step: the candidate it chose
+            found = result.selections[name]
+            rows.append((name, "select", "chose", "-", f"{found['chosen']} ({found['by']} {found['score']:.4g})"))
+            continue
         metrics = entry.manifest.get("metrics", {})
         seconds = entry.manifest.get("timings", {}).get("seconds")
         key_metric = next((f"{k} {metrics[k]:.4g}" for k in ("final_train_loss", "final_eval_loss",

@@ -14,8 +14,29 @@ class GateResult:
     detail: str
 
 
+AGGREGATES = {"mean": lambda values: sum(values) / len(values), "min": min, "max": max}
+
+
+def _aggregate(path: str) -> tuple[str | None, str]:
+    """`mean(eval/sft/heldout/loss)` -> ("mean", "eval/sft/heldout/loss"); a plain path -> (None, path)."""
+    for name in AGGREGATES:
+        if path.startswith(name + "(") and path.endswith(")"):
+            return name, path[len(name) + 1:-1]
+    return None, path
+
+
 def metric_value(path: str, entries: dict[str, Any]) -> float:
-    """`<stage>/<metric>` or `<eval stage>/<model>/<metric...>` -> a number."""
+    """`<stage>/<metric>` or `<eval stage>/<model>/<metric...>` -> a number; `mean(...)`, `min(...)` or
+    `max(...)` of an eval metric over a swept stage's candidates (`mean(eval/sft/heldout/loss)`)."""
+    aggregate, path = _aggregate(path)
+    if aggregate:
+        stage, _, rest = path.partition("/")
+        swept, _, name = rest.partition("/")
+        results = entries[stage].manifest.get("metrics", {}).get("results", {}) if stage in entries else {}
+        candidates = [model for model in results if model.startswith(swept + "[")]
+        if not candidates:
+            raise UserError(f"gate metric {aggregate}({path}): {stage!r} evaluated no candidates of {swept!r}")
+        return AGGREGATES[aggregate]([metric_value(f"{stage}/{model}/{name}", entries) for model in candidates])
     stage, _, rest = path.partition("/")
     if stage not in entries:
         raise UserError(f"gate metric {path!r}: no stage {stage!r} in this run")
@@ -52,8 +73,8 @@ def check_gates(gates, entries: dict[str, Any]) -> list[GateResult]:
 
 def gate_stages(gate) -> list[str]:
     """Stage names a gate reads, for validation."""
-    names = [gate.metric.split("/", 1)[0]]
+    names = [_aggregate(gate.metric)[1].split("/", 1)[0]]
     for bound in (gate.below, gate.above):
         if isinstance(bound, str):
-            names.append(bound.split("/", 1)[0])
+            names.append(_aggregate(bound)[1].split("/", 1)[0])
     return names

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 from posttrain.code_fingerprint import code_fingerprint
 from posttrain.fingerprint import FingerprintCache, fingerprint
-from posttrain.recipe.load import LoadedRecipe, tokenizer_origin
+from posttrain.recipe.load import LoadedRecipe
 from posttrain.registry import entry_key
 
 
@@ -45,10 +45,22 @@ def _drop_path(data: dict, dotted: str) -> None:
         node.pop(last, None)
 
 
-def compute_keys(loaded: LoadedRecipe, cache: FingerprintCache) -> dict[str, StageKey]:
+Chooser = Callable[[str, dict[str, "StageKey"]], Optional[str]]
+
+
+def compute_keys(loaded: LoadedRecipe, cache: FingerprintCache, choose: Chooser | None = None) -> dict[str, StageKey]:
+    """Every stage's key. A `select` step takes the key of the candidate `choose(step, keys)` names;
+    while that is unknown (its eval has not run), it and everything that depends on it have no key yet."""
     keys: dict[str, StageKey] = {}
     for name in loaded.order:
         item = loaded.stages[name]
+        if any(ref not in keys for ref in item.inputs.values()):
+            continue  # waits on a selection
+        if item.kind == "select":
+            chosen = choose(name, keys) if choose else None
+            if chosen is not None:
+                keys[name] = StageKey(name, keys[chosen].key, {**keys[chosen].material, "selected": chosen})
+            continue
         config = item.config.model_dump(mode="json", exclude={"description"})
         config.pop("seed", None)
         for dotted in getattr(item.stage, "operational_keys", ()):
@@ -58,8 +70,9 @@ def compute_keys(loaded: LoadedRecipe, cache: FingerprintCache) -> dict[str, Sta
             _set_path(config, path, "<input>")
         inputs = {path: keys[ref].key for path, ref in item.inputs.items()}
         if item.kind == "prepare_data":
-            # Tokens depend on the model's tokenizer, not its weights: key by where the tokenizer was set.
-            inputs = {"tokenizer": keys[tokenizer_origin(loaded.stages, item.inputs["model"])].key}
+            # Its model input is where the tokenizer was last set (the loader follows it back), and
+            # only the tokenizer counts: the name "tokenizer" keeps keys apart from a model input's.
+            inputs = {"tokenizer": keys[item.inputs["model"]].key}
         data = {}
         for path, value in item.stage.local_files(item.config).items():
             local = Path(value).expanduser()

@@ -22,10 +22,15 @@ class Report:
     entries: dict[str, Entry]  # stage name -> entry, in recipe order
     columns: list[str] = field(default_factory=list)  # evaluated models
     rows: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # metric -> model -> value/stderr
+    chosen: dict[str, str] = field(default_factory=dict)  # select step -> the candidate it chose
 
 
 def build(title: str, entries: dict[str, Entry]) -> Report:
-    report = Report(title, entries)
+    # A select step's ref points at the candidate it chose: keep that as a mark, not a second entry.
+    chosen = {name: entry.manifest["stage"] for name, entry in entries.items()
+              if entry.manifest.get("candidate") and entry.manifest.get("stage") != name}
+    report = Report(title, {n: e for n, e in entries.items() if n not in chosen}, chosen=chosen)
+    entries = report.entries
     evals = [name for name, entry in entries.items() if entry.kind == "eval"]
     for stage, entry in entries.items():
         if entry.kind != "eval":
@@ -200,9 +205,84 @@ def decontamination_lines(report: Report) -> list[str]:
     return lines
 
 
+def candidates(report: Report) -> dict[str, list[dict[str, Any]]]:
+    """Swept stage -> its candidates, in sweep order: name, settings, every eval metric, selections."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for name, entry in report.entries.items():
+        info = entry.manifest.get("candidate")
+        if not info:
+            continue
+        found.setdefault(info["of"], []).append({
+            "name": name, "settings": info["overrides"],
+            "metrics": {metric: by_model[name]["value"] for metric, by_model in report.rows.items() if name in by_model},
+            "chosen_as": sorted(step for step, candidate in report.chosen.items() if candidate == name)})
+    return found
+
+
+def candidate_lines(report: Report) -> list[str]:
+    """A Markdown table per swept stage: candidates side by side, the chosen ones marked."""
+    lines = []
+    for stage, listed in candidates(report).items():
+        settings = list(dict.fromkeys(k for c in listed for k in c["settings"]))
+        metrics = list(dict.fromkeys(m for c in listed for m in c["metrics"]))
+        lines += [f"### {stage}", "", "| candidate | " + " | ".join(settings + metrics) + " | chosen as |",
+                  "|---" * (len(settings) + len(metrics) + 2) + "|"]
+        for c in listed:
+            cells = [str(c["settings"].get(k, "-")) for k in settings]
+            cells += [f"{c['metrics'][m]:.4g}" if m in c["metrics"] else "-" for m in metrics]
+            mark = ", ".join(f"**{step}**" for step in c["chosen_as"]) or ""
+            lines.append(f"| {c['name']} | " + " | ".join(cells) + f" | {mark} |")
+        lines.append("")
+    return lines
+
+
+def plot_sweeps(report: Report, out: Path) -> dict[str, Path]:
+    """Per swept stage: each eval metric against each swept setting, chosen candidates as stars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = {}
+    for stage, listed in candidates(report).items():
+        settings = list(dict.fromkeys(k for c in listed for k in c["settings"]))
+        metrics = list(dict.fromkeys(m for c in listed for m in c["metrics"]))
+        if not settings or not metrics:
+            continue
+        fig, axes = plt.subplots(len(metrics), len(settings), figsize=(4 * len(settings), 3 * len(metrics)),
+                                 dpi=100, squeeze=False)
+        for row, metric in enumerate(metrics):
+            for col, setting in enumerate(settings):
+                ax = axes[row][col]
+                values = [c["settings"].get(setting) for c in listed]
+                numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+                labels = sorted({str(v) for v in values})
+                for c, value in zip(listed, values):
+                    if metric not in c["metrics"]:
+                        continue
+                    x = value if numeric else labels.index(str(value))
+                    ax.scatter([x], [c["metrics"][metric]], marker="*" if c["chosen_as"] else "o",
+                               s=160 if c["chosen_as"] else 40, color="tab:red" if c["chosen_as"] else "tab:blue")
+                if numeric and min(values) > 0 and max(values) / min(values) >= 10:
+                    ax.set_xscale("log")
+                if not numeric:
+                    ax.set_xticks(range(len(labels)), labels)
+                ax.set_xlabel(setting)
+                ax.set_ylabel(metric)
+                ax.grid(alpha=0.3)
+        fig.suptitle(f"{stage}: candidates (stars: chosen)")
+        fig.tight_layout()
+        path = out / f"sweep-{stage}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written[stage] = path
+    return written
+
+
 def write(report: Report, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     curves = plot_curves(report, out)
+    sweeps = plot_sweeps(report, out)
     lineage = plot_lineage(report, out)
     summary = training_summary(report)
     md = [f"# {report.title}", ""]
@@ -215,6 +295,10 @@ def write(report: Report, out: Path) -> dict[str, Path]:
     if data:
         md += ["## Data sources", "", "| stage | " + " | ".join(DATA_COLUMNS) + " |", "|---" * (len(DATA_COLUMNS) + 1) + "|"]
         md += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in data] + [""]
+    swept = candidate_lines(report)
+    if swept:
+        md += ["## Candidates", "", "Every candidate of each sweep with its scores; the chosen ones marked.", "", *swept]
+        md += [f"![{stage} candidates]({path.name})" for stage, path in sweeps.items()] + [""]
     contamination = decontamination_lines(report)
     if contamination:
         md += ["## Decontamination", "", *(f"- {line}" for line in contamination), ""]
@@ -224,12 +308,14 @@ def write(report: Report, out: Path) -> dict[str, Path]:
     md += ["## Entries", "", "| stage | kind | key |", "|---|---|---|"]
     md += [f"| {n} | {e.kind} | `{e.key}` |" for n, e in report.entries.items()]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    (out / "report.html").write_text(_html(report, curves, lineage, summary, data))
+    (out / "report.html").write_text(_html(report, curves, lineage, summary, data, sweeps))
     (out / "report.json").write_text(json.dumps({"columns": report.columns, "rows": report.rows}, indent=2) + "\n")
-    return {"markdown": out / "report.md", "html": out / "report.html", "lineage": lineage, **curves}
+    return {"markdown": out / "report.md", "html": out / "report.html", "lineage": lineage, **curves,
+            **{f"sweep-{stage}": path for stage, path in sweeps.items()}}
 
 
-def _html(report: Report, curves: dict[str, Path], lineage: Path, summary, data: list[list[str]]) -> str:
+def _html(report: Report, curves: dict[str, Path], lineage: Path, summary, data: list[list[str]],
+          sweeps: dict[str, Path] | None = None) -> str:
     esc = html.escape
     parts = [f"<!doctype html><meta charset=utf-8><title>{esc(report.title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
@@ -252,6 +338,20 @@ def _html(report: Report, curves: dict[str, Path], lineage: Path, summary, data:
                      + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in data]
         parts.append("</table>")
+    swept = candidate_lines(report)
+    if swept:
+        parts.append("<h2>Candidates</h2>")
+        for line in swept:
+            if line.startswith("### "):
+                parts.append(f"<h3>{esc(line[4:])}</h3><table>")
+            elif line.startswith("| candidate"):
+                parts.append("<tr>" + "".join(f"<th>{esc(c.strip())}</th>" for c in line.strip("|").split("|")) + "</tr>")
+            elif line.startswith("| "):
+                parts.append("<tr>" + "".join(f"<td>{esc(c.strip().replace('**', ''))}</td>"
+                                              for c in line.strip("|").split("|")) + "</tr>")
+            elif not line:
+                parts.append("</table>")
+        parts += [f"<img src='{path.name}' alt='{esc(stage)} candidates'>" for stage, path in (sweeps or {}).items()]
     contamination = decontamination_lines(report)
     if contamination:
         parts.append("<h2>Decontamination</h2><ul>" + "".join(f"<li>{esc(x)}</li>" for x in contamination) + "</ul>")

@@ -56,6 +56,7 @@ class RunResult:
     ran: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
     gates: list[GateResult] = field(default_factory=list)  # the recipe's quality gates, checked after the run
+    selections: dict[str, dict[str, Any]] = field(default_factory=dict)  # select step -> what it chose and why
 
     @property
     def gates_passed(self) -> bool:
@@ -66,6 +67,38 @@ class RunResult:
 
     def metrics(self, stage: str) -> dict[str, Any]:
         return self.entries[stage].manifest.get("metrics", {})
+
+
+class Chooser:
+    """Resolves `select` steps from the registry: the eval they read must be an entry already."""
+
+    def __init__(self, loaded: LoadedRecipe, registry: Registry):
+        self.loaded, self.registry = loaded, registry
+        self.chosen: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, name: str, keys: dict[str, StageKey]) -> str | None:
+        from posttrain.recipe.sweeps import rank_candidates
+
+        item = self.loaded.stages[name]
+        config = item.config
+        evaluated = self.registry.get(keys[config.eval].key) if config.eval in keys else None
+        if evaluated is None:
+            return None
+        scores = item.stage.scores(config, evaluated.manifest.get("metrics", {}))
+        ranked = rank_candidates(scores, config.mode)
+        chosen = ranked[config.rank - 1]
+        if scores[chosen] is None:
+            raise UserError(f"{name}: eval stage {config.eval!r} recorded no {config.metric!r} for {chosen!r} "
+                            f"(it recorded: {', '.join(sorted(evaluated.manifest['metrics'].get('results', {}).get(chosen, {}))) or 'nothing'})")
+        self.chosen[name] = {"of": config.of, "chosen": chosen, "score": scores[chosen], "rank": config.rank,
+                             "by": f"{config.eval}/{config.metric}", "mode": config.mode, "scores": scores,
+                             "key": keys[chosen].key}
+        return chosen
+
+    def describe(self, name: str) -> str:
+        found = self.chosen[name]
+        return (f"{found['chosen']}  ({found['by']} {found['score']:.4g}, place {found['rank']} of "
+                f"{len(found['scores'])}, {found['mode']})")
 
 
 def rank_info() -> tuple[int, int]:
@@ -79,15 +112,35 @@ def open_registry(loaded: LoadedRecipe, registry: str | Path | None = None) -> R
 
 def plan(loaded: LoadedRecipe, registry: Registry) -> list[PlanItem]:
     """What `run` would do for each stage, and why, without running or writing anything."""
-    keys = compute_keys(loaded, FingerprintCache(registry.root / "cache" / "fingerprints.json"))
+    chooser = Chooser(loaded, registry)
+    keys = compute_keys(loaded, FingerprintCache(registry.root / "cache" / "fingerprints.json"), chooser)
     names = {k.key: n for n, k in keys.items()}
     from posttrain.memory import estimates_for
 
     memory = estimates_for(loaded)
     items = []
     for name in loaded.order:
-        key = keys[name]
         kind = loaded.stages[name].kind
+        if name not in keys:
+            waits = next(n for n in loaded.order if loaded.stages[n].kind == "select" and n not in keys
+                         and _depends_on(loaded, name, n))
+            select = loaded.stages[waits].config
+            if kind == "select":
+                select = loaded.stages[name].config
+                reason = (f"place {select.rank} of {len(select.candidates)} {select.of} candidates by "
+                          f"{select.eval}/{select.metric} ({select.mode}), once {select.eval} has run")
+            else:
+                reason = f"after {waits}, chosen once {select.eval} has run"
+            items.append(PlanItem(name, kind, "-", "select" if kind == "select" else "after", reason))
+            continue
+        key = keys[name]
+        if kind == "select":
+            items.append(PlanItem(name, kind, key.key, "select", f"chose {chooser.describe(name)}"))
+            continue
+        earlier = next((i for i in items if i.key == key.key and i.status == "run"), None)
+        if earlier:  # e.g. two stages' data through the same tokenizer: built once
+            items.append(PlanItem(name, kind, key.key, "cached", f"the same entry as {earlier.name}, built first"))
+            continue
         try:
             registry.load(key.key)
             items.append(PlanItem(name, kind, key.key, "cached", "entry exists"))
@@ -104,6 +157,19 @@ def plan(loaded: LoadedRecipe, registry: Registry) -> list[PlanItem]:
     for item in items:
         item.memory = memory.get(item.name, "-")
     return items
+
+
+def _depends_on(loaded: LoadedRecipe, name: str, other: str) -> bool:
+    """Whether stage `name` is `other` or takes it as an input, directly or further up."""
+    seen, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current == other:
+            return True
+        if current not in seen:
+            seen.add(current)
+            todo.extend(loaded.stages[current].inputs.values())
+    return False
 
 
 def _why_new(loaded: LoadedRecipe, registry: Registry, name: str, key: StageKey, names: dict[str, str]) -> str:
@@ -128,14 +194,24 @@ def run(
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe, profile, list(overrides))
     reg = registry if isinstance(registry, Registry) else open_registry(loaded, registry)
     rank, world = rank_info()
-    keys = compute_keys(loaded, FingerprintCache(reg.root / "cache" / "fingerprints.json"))
-    result = RunResult(loaded, reg)
+    cache = FingerprintCache(reg.root / "cache" / "fingerprints.json")
+    chooser = Chooser(loaded, reg)
+    keys = compute_keys(loaded, cache, chooser)
+    result = RunResult(loaded, reg, selections=chooser.chosen)
     context = _Run(loaded, reg, keys, result, rank, world, echo, quiet)
     total = len(loaded.order)
     for index, name in enumerate(loaded.order, 1):
         item = loaded.stages[name]
+        if name not in keys:  # after a selection: its eval has run by now
+            keys.update(compute_keys(loaded, cache, chooser))
         key = keys[name].key
         prefix = f"[{index}/{total}] {name:<14} {item.kind:<14}"
+        if item.kind == "select":
+            result.entries[name] = result.entries[chooser.chosen[name]["chosen"]]
+            if rank == 0:
+                echo(f"{prefix} chose    {chooser.describe(name)}")
+                reg.set_ref(f"{loaded.ref_namespace}/{name}", key)
+            continue
         entry = _reusable(reg, key, echo, prefix)
         if entry is None:
             entry = _build(context, name, prefix)
@@ -321,6 +397,8 @@ def _as_input(entry: Entry):
 def _manifest(run: _Run, name: str, metrics: dict, started: float) -> dict:
     loaded, keys = run.loaded, run.keys
     item = loaded.stages[name]
+    # Which candidate each selection took, with every candidate's score: the lineage of a choice.
+    selected = {path: run.result.selections[ref] for path, ref in item.inputs.items() if ref in run.result.selections}
     return {
         "kind": item.kind,
         "stage": name,
@@ -330,6 +408,9 @@ def _manifest(run: _Run, name: str, metrics: dict, started: float) -> dict:
         "ref": f"{loaded.ref_namespace}/{name}",
         "inputs": {path: keys[ref].key for path, ref in item.inputs.items()},
         "input_names": dict(item.inputs),
+        **({"selections": selected} if selected else {}),
+        **({"candidate": {"of": item.candidate[0], "label": item.candidate[1], "overrides": item.candidate[2]}}
+           if item.candidate else {}),
         "config": item.config.model_dump(mode="json"),
         "key_material": keys[name].material,
         "metrics": metrics,

@@ -79,13 +79,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    for name, seed, count in (("tiny_chat_train", 1, 256), ("tiny_chat_heldout", 2, 64)):
+    # dev: what selections rank sweep candidates by, apart from the held-out rows that judge the result.
+    for name, seed, count in (("tiny_chat_train", 1, 256), ("tiny_chat_heldout", 2, 64), ("tiny_chat_dev", 5, 64)):
         write_jsonl(DATA / "sft" / f"{name}.jsonl", chat_rows(seed, count))
     for skill in ("add", "reverse"):
         for split, seed, count in (("train", 10, 256), ("heldout", 11, 32)):
             write_jsonl(DATA / "sft" / f"tiny_{skill}_{split}.jsonl", chat_rows(seed, count, skill))
     write_jsonl(DATA / "distill" / "tiny_teacher_logits.jsonl", arcee_layout_logits(chat_rows(1, 48)))
-    for name, seed, count in (("tiny_prefs_train", 3, 128), ("tiny_prefs_heldout", 4, 32)):
+    for name, seed, count in (("tiny_prefs_train", 3, 128), ("tiny_prefs_heldout", 4, 32), ("tiny_prefs_dev", 6, 32)):
         write_jsonl(DATA / "dpo" / f"{name}.jsonl", preference_rows(seed, count))
 
 

@@ -41,6 +41,8 @@ def trajectories(result) -> dict[str, dict[str, list[float]]]:
 
     found = {}
     for name, entry in result.entries.items():
+        if name in result.selections:  # a select step stands for a candidate already listed
+            continue
         metrics = entry.manifest.get("metrics", {})
         curves = {key: [round(v, 6) for _, v in series(metrics.get(key))] for key in SERIES if series(metrics.get(key))}
         if curves:

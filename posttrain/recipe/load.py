@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from posttrain.errors import Problem, RecipeError, UserError
 from posttrain.recipe.merge import COMMAND_LINE, deep_merge, leaf_paths, parse_overrides
 from posttrain.recipe.model import RESERVED_NAMES, Recipe
+from posttrain.recipe.sweeps import apply_override, rewrite_references, select_configs, sweep_candidates
 from posttrain.recipe.yaml_lines import load_yaml_with_lines
 from posttrain.stages import INTERNAL_KINDS, Stage, StageConfig, get_stage, known_kinds
 
@@ -30,6 +31,7 @@ class ResolvedStage:
     stage: Stage
     config: StageConfig
     inputs: dict[str, str]  # dotted config path -> name of the stage/model it reads
+    candidate: tuple[str, str, dict] | None = None  # (swept stage, label, overrides) of a sweep's candidate
 
 
 @dataclass
@@ -192,38 +194,77 @@ def _validate_stages(data: dict, recipe_dir: Path, report, origins: _Origins, de
         resolved[name] = ResolvedStage(name, "model", stage, config, {})
 
     model_names = {n for n, _ in _source_models(data)} | {BASE}
+    swept = sweep_candidates(raw_stages, report)
+    selections: dict[str, tuple] = {}
     for name, body in raw_stages.items():
         loc = ("stages", name)
         stage = _stage_kind(name, body, loc, model_names, kinds, report)
         if stage is None:
             continue
         kind = body["kind"]
+        body = rewrite_references(name, kind, {k: v for k, v in body.items() if k != "sweep"}, swept, selections, report)
         kind_defaults = defaults.get(kind) if isinstance(defaults.get(kind), dict) else {}
-        merged = deep_merge(kind_defaults, body)
-        try:
-            config = stage.Config.model_validate(merged)
-        except ValidationError as exc:
-            for error in exc.errors():
-                sub = tuple(error["loc"])
-                full = loc + sub
-                anchor = full
-                found, _, _ = origins.locate(full)
-                default_found, _, _ = origins.locate(("defaults", kind) + sub)
-                if len(default_found) - 2 > len(found) - 2 and len(default_found) > 2:
-                    full = anchor = ("defaults", kind) + sub  # the bad value came from `defaults`
-                report(full, _message(error, stage.Config, sub), anchor)
-            continue
-        checks = stage.validate(config, recipe_dir) + (stage.deep_validate(config, recipe_dir) if deep else [])
-        for key, message in checks:
-            report(loc + tuple(key.split(".")), message)
-        for key, value in stage.local_files(config).items():
-            p = Path(value).expanduser()
-            p = p if p.is_absolute() else recipe_dir / p
-            if not p.exists():
-                report(loc + tuple(key.split(".")), f"file not found: {p}")
-        resolved[name] = ResolvedStage(name, kind, stage, config, stage.inputs(config))
-    _add_prepared_steps(resolved)
+        for stage_name, label, overrides, places in swept.get(name) or [(name, None, {}, {})]:
+            candidate = body
+            for dotted, value in overrides.items():
+                candidate = apply_override(candidate, dotted, value)
+            config = _validated(stage, kind, deep_merge(kind_defaults, candidate), loc, places, origins, report)
+            if config is None:
+                continue
+            if stage_name == name or stage_name == swept[name][0][0]:  # a candidate's checks repeat the first's
+                checks = stage.validate(config, recipe_dir) + (stage.deep_validate(config, recipe_dir) if deep else [])
+                for key, message in checks:
+                    report(_place(loc, key, places), message)
+                for key, value in stage.local_files(config).items():
+                    p = Path(value).expanduser()
+                    p = p if p.is_absolute() else recipe_dir / p
+                    if not p.exists():
+                        report(_place(loc, key, places), f"file not found: {p}")
+            resolved[stage_name] = ResolvedStage(stage_name, kind, stage, config, stage.inputs(config),
+                                                 (name, label, overrides) if label is not None else None)
+    select = get_stage("select")
+    for node, body in select_configs(selections, raw_stages, swept, report).items():
+        config = select.Config.model_validate(body)
+        resolved[node] = ResolvedStage(node, "select", select, config, select.inputs(config))
+    for item in resolved.values():
+        for path, ref in item.inputs.items():
+            if ref in swept and item.kind != "select":
+                where = ("stages", item.candidate[0] if item.candidate else item.name) + tuple(path.split("."))
+                report(where, f"stage {ref!r} is swept into {len(swept[ref])} candidates: take one with "
+                              f"{{best_of: {ref}, by: <eval stage>/<metric>, mode: min|max}}")
+    _add_prepared_steps(resolved, report)
     return resolved
+
+
+def _place(loc: tuple, key: str, places: dict[str, tuple]) -> tuple:
+    """Where a problem with `key` was written: the sweep value that set it, or the stage's own key."""
+    for dotted, place in places.items():
+        if key == dotted or key.startswith(dotted + "."):
+            return place
+    return loc + tuple(key.split("."))
+
+
+def _validated(stage: Stage, kind: str, body: dict[str, Any], loc: tuple, places: dict[str, tuple],
+               origins: _Origins, report) -> StageConfig | None:
+    """The stage's config, or None after reporting each problem where it was written: the stage's own
+    line, the `defaults` entry that set it, or the sweep value that made it."""
+    try:
+        return stage.Config.model_validate(body)
+    except ValidationError as exc:
+        for error in exc.errors():
+            sub = tuple(error["loc"])
+            full = loc + sub
+            anchor = full
+            swept = next((place for dotted, place in places.items()
+                          if tuple(dotted.split(".")) == tuple(str(s) for s in sub[:len(dotted.split("."))])), None)
+            found, _, _ = origins.locate(full)
+            default_found, _, _ = origins.locate(("defaults", kind) + sub)
+            if swept:
+                full = anchor = swept  # a swept value
+            elif len(default_found) - 2 > len(found) - 2 and len(default_found) > 2:
+                full = anchor = ("defaults", kind) + sub  # the bad value came from `defaults`
+            report(full, _message(error, stage.Config, sub), anchor)
+        return None
 
 
 def tokenizer_origin(stages: dict[str, ResolvedStage], name: str) -> str:
@@ -237,21 +278,29 @@ def tokenizer_origin(stages: dict[str, ResolvedStage], name: str) -> str:
         item = stages[item.inputs[kept]]
 
 
-def _add_prepared_steps(resolved: dict[str, ResolvedStage]) -> None:
+def _add_prepared_steps(resolved: dict[str, ResolvedStage], report) -> None:
     """Put a `prepare_data` step in front of every stage that reads data (`Stage.prepared_data`), named
-    `<stage>.<input>` (a name no recipe can use) and shuffled with the stage's seed. Inputs of one stage
-    that ask for the same data through the same tokenizer (an eval of several models) share one step."""
+    `<stage>.<input>`. Inputs that ask for the same data through the same tokenizer (an eval of several
+    models, a sweep's candidates) share one step."""
     stage = get_stage("prepare_data")
+    made: dict[tuple, str] = {}
     for name, item in list(resolved.items()):
-        made: dict[tuple, str] = {}
+        family = item.candidate[0] if item.candidate else name
         for input_name, body in item.stage.prepared_data(item.config).items():
             if body["model"] not in resolved:
                 continue  # the stage's own reference to it is reported as unknown
-            config = stage.Config.model_validate({"kind": "prepare_data", "seed": item.config.seed, **body})
-            settings = config.model_dump(mode="json", exclude={"model"})
-            group = (json.dumps(settings, sort_keys=True), tokenizer_origin(resolved, body["model"]))
+            # Shuffled with the recipe's seed, not the stage's: candidates that differ in seed share the data.
+            # It reads the tokenizer where it was last set, so it does not wait for the stages in between.
+            origin = tokenizer_origin(resolved, body["model"])
+            config = stage.Config.model_validate({"kind": "prepare_data", "seed": None, **body, "model": origin})
+            settings = config.model_dump(mode="json")
+            group = (family, json.dumps(settings, sort_keys=True))
             if group not in made:
-                made[group] = f"{name}.{input_name}"
+                made[group] = f"{family}.{input_name}"
+                if made[group] in resolved:
+                    report(("stages", made[group]), f"the name {made[group]!r} is the data step posttrain adds "
+                                                    f"for stage {family!r}: rename this stage")
+                    continue
                 resolved[made[group]] = ResolvedStage(made[group], "prepare_data", stage, config, stage.inputs(config))
             item.inputs[input_name] = made[group]
 

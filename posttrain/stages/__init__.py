@@ -18,11 +18,12 @@ BUILTIN_STAGES: dict[str, str] = {
     "merge": "posttrain.stages.merge:MergeStage",
     "eval": "posttrain.stages.evaluate:EvalStage",
     "prepare_data": "posttrain.stages.prepare_data:PrepareDataStage",
+    "select": "posttrain.stages.select:SelectStage",
 }
 
 ENTRY_POINT_GROUP = "posttrain.stages"
 # Kinds the recipe loader adds by itself; a recipe cannot name them.
-INTERNAL_KINDS = frozenset({"prepare_data"})
+INTERNAL_KINDS = frozenset({"prepare_data", "select"})
 
 
 @lru_cache(maxsize=1)
