@@ -38,16 +38,16 @@ def _validate_data(loaded, rows: int) -> int:
     from posttrain.data.inspect import format_report, inspect_data
     from posttrain.data.preferences import to_preference
 
-    normalisers = {"dpo": lambda row, source: to_preference(row)}
+    preference = lambda row, source: to_preference(row)  # noqa: E731
     chat = lambda row, source: to_messages(row, source.format)  # noqa: E731
     failed = False
-    for name in loaded.order:
+    for name in loaded.order:  # each prepared-data step once (candidates and evals share them)
         item = loaded.stages[name]
-        data = getattr(item.config, "data", None)
-        if data is None or not hasattr(data, "sources"):
+        if item.kind != "prepare_data":
             continue
-        reports = inspect_data(data, loaded.dir, normalisers.get(item.kind, chat), rows)
-        print("\n".join(format_report(f"stages.{name}.data (first {rows} rows of each source)", reports)))
+        data = item.config.data
+        reports = inspect_data(data, loaded.dir, preference if item.config.format == "preference" else chat, rows)
+        print("\n".join(format_report(f"{name} (first {rows} rows of each source)", reports)))
         failed |= not all(r.usable for r in reports)
     if failed:
         print("posttrain: some sources give no usable rows (see above)", file=sys.stderr)

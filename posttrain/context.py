@@ -35,6 +35,9 @@ class StageContext:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("posttrain.stage"))
     # Progress for the console: {"step", "total", "loss", ...}; a no-op unless the runner shows it.
     progress: Callable[[dict[str, Any]], None] = field(default=lambda info: None)
+    # A folder of results keyed by the content of what made them, shared by all runs on this registry
+    # (e.g. one model's evaluation, reused when an eval stage's model list grows); None: no reuse.
+    results_cache: Path | None = None
 
     @property
     def is_main(self) -> bool:

@@ -308,7 +308,8 @@ def _run_stage(run: _Run, name: str, out_dir: Path, work: Path, prefix: str = ""
     inputs = {path: _as_input(result.entries[ref]) for path, ref in item.inputs.items()}
     seed = item.config.seed if item.config.seed is not None else loaded.recipe.seed
     stage_log = logging.getLogger(f"posttrain.stage.{name}")
-    ctx = StageContext(name, inputs, out_dir, work, loaded.dir, seed, rank, world, stage_log)
+    ctx = StageContext(name, inputs, out_dir, work, loaded.dir, seed, rank, world, stage_log,
+                       results_cache=run.reg.root / "cache" / "results")
     handler = logging.FileHandler(work / STAGE_LOG if rank == 0 else work / f"rank{rank}.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -30,7 +30,7 @@ def flagship_data(hub, stage: str) -> tuple[DataConfig, list[str]]:
     """The flagship stage's data settings with every hub id pointed at its local hub-style folder."""
     from posttrain.recipe import load_recipe
 
-    data = load_recipe(FLAGSHIP).stages[stage].config.data
+    data = load_recipe(FLAGSHIP).stages[f"{stage}.data"].config.data  # the prepared-data step all candidates share
     ids = [source.hub for source in data.sources]
     sources = [source.model_copy(update={"hub": str(hub[source.hub])}) for source in data.sources]
     # Decontamination against the benchmarks needs them from the hub; it has its own tests.

@@ -23,7 +23,8 @@ def test_flagship_plan_works_offline_with_memory_estimates(registry_dir):
     result = cli("plan", str(RECIPES[[p.name for p in RECIPES].index("intellect1_instruct.yaml")]))
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for stage in ("base", "sft", "dpo", "distill", "merged", "eval"):
+    for stage in ("base", "sft[learning_rate=1e-05,seed=1]", "sft.best", "dpo[beta=0.1,learning_rate=1e-06]",
+                  "dpo.best", "distill", "merged", "eval"):
         assert any(line.strip().startswith(stage + " ") for line in out.splitlines()), stage
     assert "memory estimates (8 processes" in out
     assert "10.2B params, sharded over 8" in out

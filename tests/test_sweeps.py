@@ -120,10 +120,13 @@ def test_select_best_and_top_k_then_a_losing_candidate_changes_nothing_downstrea
     assert first.entries[strong].manifest["candidate"] == {"of": "sft", "label": "learning_rate=0.003",
                                                             "overrides": {"training.learning_rate": 0.003}}
     # One more (losing) value: one new candidate; the prepared data, the other candidates, the stage
-    # on the best one and the top-2 soup are all reused (the eval runs again, over three candidates).
+    # on the best one and the top-2 soup are all reused. The eval runs again (its model list grew) but
+    # evaluates only the new candidate.
     second = posttrain.run(recipe(tmp_path, rates=(3e-3, 1e-9, 1e-10)))
     trained = [n for n in second.ran if second.recipe.stages[n].kind == "sft"]
     assert trained == ["sft[learning_rate=1e-10]"]
+    assert second.metrics("dev")["reused_results"] == [strong, weak]
+    assert second.metrics("dev")["results"][strong] == first.metrics("dev")["results"][strong]
     assert {"more", "soup", "sft.data", strong, weak} <= set(second.cached)
     assert second.entries["soup"].key == first.entries["soup"].key
     # The report sets the candidates side by side and marks the chosen ones.

@@ -24,8 +24,15 @@ def prepare_task_dirs(task_dirs: list[str], ctx: StageContext) -> Path | None:
 def run_eval(config, ctx: StageContext) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     include = prepare_task_dirs(config.task_dirs, ctx)
+    reused = []
     for i, name in enumerate(config.models):
         entry = ctx.inputs[f"models.{i}"]
+        cached = _cache_path(config, ctx, i, include)
+        if cached is not None and cached.is_file():
+            results[name] = json.loads(cached.read_text())
+            reused.append(name)
+            ctx.log.info("eval %s: the same model was evaluated the same way before: %s", name, cached)
+            continue
         model_results: dict[str, Any] = {}
         chat = config.apply_chat_template if config.apply_chat_template != "auto" else entry.kind != "model"
         if config.tasks:
@@ -34,9 +41,36 @@ def run_eval(config, ctx: StageContext) -> dict[str, Any]:
             model_results.update(_builtin(entry.path, config, ctx, i))
         results[name] = model_results
         ctx.log.info("eval %s: %s", name, json.dumps(model_results))
+        if cached is not None and ctx.is_main:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".tmp{ctx.rank}")
+            tmp.write_text(json.dumps(model_results))
+            tmp.replace(cached)
     if ctx.is_main:
         (ctx.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    return {"results": results, "models": {n: ctx.inputs[f"models.{i}"].key for i, n in enumerate(config.models)}}
+    return {"results": results, "models": {n: ctx.inputs[f"models.{i}"].key for i, n in enumerate(config.models)},
+            "reused_results": reused}
+
+
+def _cache_path(config, ctx: StageContext, index: int, include: Path | None) -> Path | None:
+    """Where one model's results are kept, named by everything that decides them: the model entry, the
+    data prepared for it, the teacher for KL, every setting but the model list, the task files, the
+    seed and the eval code. A sweep that grows by one candidate evaluates only the new one."""
+    import hashlib
+
+    from posttrain.code_fingerprint import code_fingerprint
+
+    if ctx.results_cache is None:
+        return None
+    settings = config.model_dump(mode="json", exclude={"models", "description"})
+    inputs = {path: entry.key for path, entry in ctx.inputs.items()
+              if path == f"models.{index}" or path == "kl_to" or path.endswith(f"_data.{index}")}
+    tasks = sorted((str(p.relative_to(include)), hashlib.sha256(p.read_bytes()).hexdigest())
+                   for p in include.rglob("*") if p.is_file()) if include else []
+    material = {"settings": settings, "inputs": inputs, "tasks": tasks, "seed": ctx.seed,
+                "code": code_fingerprint("posttrain.stages.evaluate")}
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    return ctx.results_cache / "eval" / f"{digest}.json"
 
 
 def _lm_eval(path: Path, config, include: Path | None, chat: bool, seed: int) -> dict[str, Any]:
