@@ -83,6 +83,13 @@ def table_lines(report: Report, fmt: str = "text") -> list[str]:
     return ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)) for r in [header, *rows]]
 
 
+def _save_figure(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(report: Report, out: Path) -> dict[str, Path]:
     import matplotlib
 
@@ -104,11 +111,7 @@ def plot_curves(report: Report, out: Path) -> dict[str, Path]:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        path = out / f"curves-{name}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written[name] = path
+        written[name] = _save_figure(plt, fig, out / f"curves-{name}.png")
     return written
 
 
@@ -151,11 +154,7 @@ def plot_lineage(report: Report, out: Path) -> Path:
     ax.set_xlim(-0.6, max(columns) + 0.6)
     ax.set_ylim(-max(len(g) for g in columns.values()) + 0.4, 1.0)
     ax.axis("off")
-    fig.tight_layout()
-    path = out / "lineage.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, out / "lineage.png")
 
 
 def training_summary(report: Report) -> list[tuple[str, str, str]]:
@@ -271,11 +270,7 @@ def plot_sweeps(report: Report, out: Path) -> dict[str, Path]:
                 ax.set_ylabel(metric)
                 ax.grid(alpha=0.3)
         fig.suptitle(f"{stage}: candidates (stars: chosen)")
-        fig.tight_layout()
-        path = out / f"sweep-{stage}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written[stage] = path
+        written[stage] = _save_figure(plt, fig, out / f"sweep-{stage}.png")
     return written
 
 

@@ -121,6 +121,7 @@ def _load(path: Path, **extra):
     ("garbage.parquet", b"PAR1 this is not parquet at all", "cannot be read as parquet"),
     ("ragged.csv", b"prompt,completion\nq1,a1\nq2,a2,extra\n", "row 3: has 3 cells, the header has 2"),
     ("empty_cell.csv", b"prompt,completion\nq1,a1\nq2,\n", "row 3: field completion: completion must be a non-empty string"),
+    ("latin1.csv", b"prompt,completion\nq1,a1\nq2,caf\xe9\n", "line 3: not UTF-8 text (byte 0xe9)"),  # read as a stream
 ])
 def test_bad_data_files_end_in_one_message_naming_the_file(tmp_path, name, content, message):
     path = tmp_path / name

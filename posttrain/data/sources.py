@@ -158,26 +158,34 @@ def _jsonl_rows(file: Path) -> Iterator[tuple[str, int, Any]]:
                 yield str(file), number, BadRow("", f"invalid JSON: {exc.msg}")
 
 
-def _csv_rows(file: Path) -> list[tuple[str, int, Any]]:
+def _csv_rows(file: Path) -> Iterator[tuple[str, int, Any]]:
     """Every cell a string, as written (an answer `2` stays "2"); a row with more or fewer cells than
-    the header is a bad row on its own line."""
+    the header is a bad row on its own line. Read as a stream: a large CSV never sits in memory whole."""
     import csv
-    import io
 
-    reader = csv.reader(io.StringIO(_utf8_text(file), newline=""))
-    header = next(reader, None)
-    if not header:
-        raise UserError(f"{file}: empty CSV file (no header row)")
-    rows = []
-    for cells in reader:
-        number = reader.line_num
-        if not cells:
-            continue
-        if len(cells) != len(header):
-            rows.append((str(file), number, BadRow("", f"has {len(cells)} cells, the header has {len(header)}")))
-            continue
-        rows.append((str(file), number, dict(zip(header, cells))))
-    return rows
+    def lines(handle):  # decoded one line at a time, so a bad byte is reported on its line
+        for number, line in enumerate(handle, 1):
+            try:
+                yield line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{file}: line {number}: not UTF-8 text (byte 0x{line[exc.start]:02x}); "
+                                "save the file as UTF-8") from None
+
+    with open(file, "rb") as handle:
+        _check_text_bytes(file, handle.read(8192))
+        handle.seek(0)
+        reader = csv.reader(lines(handle))
+        header = next(reader, None)
+        if not header:
+            raise UserError(f"{file}: empty CSV file (no header row)")
+        for cells in reader:
+            number = reader.line_num
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                yield str(file), number, BadRow("", f"has {len(cells)} cells, the header has {len(header)}")
+                continue
+            yield str(file), number, dict(zip(header, cells))
 
 
 def load_hub_dataset(source: DataSource, split: str | None = None):
