@@ -150,3 +150,26 @@ def test_gates_take_the_mean_of_a_sweeps_candidates(tmp_path):
     assert metric_value("mean(eval/sft/heldout/loss)", entries) == 2.5
     assert metric_value("min(eval/sft/heldout/loss)", entries) == 2.0
     assert metric_value("eval/soup/heldout/loss", entries) == 2.2
+
+
+def test_a_merge_weight_search_is_a_sweep_of_the_merge_ranked_by_a_dev_eval(tmp_path):
+    """Each weight trial is its own cached entry; max_candidates is the budget; best_of takes the winner."""
+    path = recipe(tmp_path, extra_stages={
+        "blend": {"kind": "merge", "method": "linear", "base_model": "sft.top1", "parameters": {"weight": 0.5},
+                  "models": {"top_k": 2, "of": "sft", "by": "dev/heldout/loss", "mode": "min"},
+                  "sweep": {"grid": {"models.0.parameters.weight": [0.9, 0.1]}, "max_candidates": 2}},
+        "blend_dev": {"kind": "eval", "models": ["blend"], "perplexity": {"sources": [{"path": str(DEV)}]}},
+        "final": {"kind": "eval", "models": [{"best_of": "blend", "by": "blend_dev/heldout/loss", "mode": "min"}],
+                  "perplexity": {"sources": [{"path": str(DEV)}]}},
+    })
+    body = yaml.safe_load(path.read_text())
+    for name in ("more", "soup"):
+        body["stages"].pop(name)
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    result = posttrain.run(path)
+    trials = [n for n in result.recipe.order if n.startswith("blend[")]
+    assert trials == ["blend[weight=0.9]", "blend[weight=0.1]"]
+    assert len({result.entries[n].key for n in trials}) == 2
+    # 0.9 on the well-trained candidate (place 1) beats 0.1, which leans on the one that barely trained.
+    assert result.selections["blend.best"]["chosen"] == "blend[weight=0.9]"
+    assert "blend.best" in result.metrics("final")["results"]
