@@ -140,7 +140,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="small shape, to check the script on a CPU")
     parser.add_argument("--out", default=None, help="write the results here as JSON")
     parser.add_argument("--only", default="sft_plain_trl,sft,dpo,capture,distill",
-                        help="comma-separated stages, run in this order (sft_again: SFT again at another lr)")
+                        help="comma-separated stages, run in this order (sft_again: SFT again at another lr; "
+                             "capture_vllm: the capture through vLLM, compared with the HF one, if vLLM is installed)")
     args = parser.parse_args()
     import torch
 
@@ -216,6 +217,38 @@ def main() -> None:
                2, wall_seconds=round(time.perf_counter() - started, 2), bytes_per_token=metrics["bytes_per_token"])
         results["capture_dir"] = str(_entry_path(registry, "capture_logits"))
 
+    def capture_vllm():
+        """The same capture through vLLM (when installed): ids identical where not tied, values close."""
+        import numpy as np
+
+        from posttrain.kd.shards import read_index, read_shard
+
+        rows = args.steps * args.batch
+        other = work / "registry-vllm"
+        started = time.perf_counter()
+        served = posttrain.capture_logits(results["sft_dir"], {"sources": [{"path": str(chat), "max_samples": rows}],
+                                                               "max_length": args.seq}, k=64, registry=other,
+                                          batch_size=args.batch, backend="vllm",
+                                          vllm={"gpu_memory_utilization": 0.5})
+        seconds = time.perf_counter() - started
+        hf = Path(results["capture_dir"])
+        same_ids = positions = 0
+        worst = 0.0
+        for item in read_index(hf)["shards"]:
+            a, b = read_shard(hf / item["file"]), read_shard(served / item["file"])
+            for i in range(a.num_sequences):
+                x, y = a.sequence(i), b.sequence(i)
+                last = len(x["input_ids"]) - 1
+                same = (x["target_ids"][:last] == y["target_ids"][:last]).all(axis=1)
+                same_ids += int(same.sum())
+                positions += last
+                if same.any():
+                    worst = max(worst, float(np.abs(x["target_values"][:last][same] - y["target_values"][:last][same]).max()))
+        metrics = _manifest_metrics(other, "capture_logits")
+        record("capture_vllm", metrics["seconds"], metrics["tokens"], None, 2, wall_seconds=round(seconds, 2),
+               positions_with_identical_ids=round(same_ids / max(positions, 1), 4),
+               max_abs_logprob_difference=round(worst, 4))
+
     def distill():
         posttrain.distill(work / "base", results["capture_dir"], registry=registry, chat_template="llama-3.1",
                           **training)
@@ -224,12 +257,12 @@ def main() -> None:
                plan_estimate("distill", work / "base", {"teacher_logits_path": "x", "training": training}), 6)
 
     runs = {"sft_plain_trl": trl_baseline, "sft": sft, "sft_again": sft_again, "dpo": dpo, "capture": capture,
-            "distill": distill}
+            "capture_vllm": capture_vllm, "distill": distill}
     for name in args.only.split(","):
         fn = runs[name]
         if name in ("dpo", "capture") and "sft_dir" not in results:
             continue
-        if name == "distill" and "capture_dir" not in results:
+        if name in ("distill", "capture_vllm") and "capture_dir" not in results:
             continue
         stage(name, fn)
     base, ours = results["stages"].get("sft_plain_trl", {}), results["stages"].get("sft", {})

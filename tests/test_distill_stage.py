@@ -413,3 +413,50 @@ def test_shards_are_bounded_in_bytes(tmp_path):
     per_position = stored_bytes_per_position(1024, 16, "fp16")
     assert len(files) > 3 and result.metrics("capture")["shards"] == len(files)
     assert all(f.stat().st_size <= budget + 96 * per_position + 4096 for f in files)  # + one sequence + header
+
+
+def test_vllm_backend_run_against_a_stand_in_vllm_built_from_the_hf_model_matches_the_hf_backend(tmp_path, monkeypatch):
+    """The capture stage's `backend: vllm` path, end to end against tests/fakes/vllm (vLLM's offline API
+    answered by the transformers model): same shards as the HF backend, ids identical, values within
+    fp16 storage. The real vLLM against the real HF forward is bench/gpu_smoke.py's job."""
+    import sys
+
+    from posttrain.kd.shards import read_index, read_shard
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "fakes"))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    import vllm
+
+    result = posttrain.run(recipe_with(tmp_path, {
+        "hf": capture(k=16),
+        "served": capture(k=16, backend="vllm", vllm={"tensor_parallel_size": 8, "gpu_memory_utilization": 0.8})}))
+    assert vllm.created[-1]["tensor_parallel_size"] == 8 and vllm.created[-1]["max_logprobs"] == 16
+    hf, served = result.path("hf"), result.path("served")
+    assert [s["sequences"] for s in read_index(hf)["shards"]] == [s["sequences"] for s in read_index(served)["shards"]]
+    compared = 0
+    for item in read_index(hf)["shards"]:
+        a, b = read_shard(hf / item["file"]), read_shard(served / item["file"])
+        for i in range(a.num_sequences):
+            x, y = a.sequence(i), b.sequence(i)
+            np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
+            last = len(x["input_ids"]) - 1  # no next token: vLLM gives no target there, and none is trained
+            np.testing.assert_array_equal(x["target_ids"][:last], y["target_ids"][:last])
+            # fp16 storage: one step is 1/128 for |log p| in [8, 16)
+            np.testing.assert_allclose(x["target_values"][:last], y["target_values"][:last], atol=1 / 128)
+            compared += last
+    assert compared > 1000
+    # A different teacher split over GPUs stores the same thing: it is not part of the key.
+    again = posttrain.run(recipe_with(tmp_path, {"served": capture(k=16, backend="vllm",
+                                                                   vllm={"tensor_parallel_size": 2})}))
+    assert again.entries["served"].key == result.entries["served"].key
+    monkeypatch.delitem(sys.modules, "vllm")
+
+
+def test_the_vllm_backend_refuses_what_vllm_cannot_give(tmp_path):
+    from posttrain.errors import RecipeError
+    from posttrain.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="stages.c.temperature: vLLM's prompt log-probs are the teacher's own"):
+        load_recipe(recipe_with(tmp_path, {"c": capture(backend="vllm", temperature=2.0)}))
+    with pytest.raises(RecipeError, match="stages.c.mode: the vllm backend returns top-k log-probs"):
+        load_recipe(recipe_with(tmp_path, {"c": capture(backend="vllm", mode="sampled")}))

@@ -12,6 +12,16 @@ from pydantic import Field
 
 from posttrain.data.sources import DataConfig, config_problems, local_data_files
 from posttrain.stages.base import Stage, StageConfig, StageContext
+from posttrain.strict import StrictModel
+
+
+class VllmSettings(StrictModel):
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs the teacher is split over (e.g. 8 for 405B).")
+    pipeline_parallel_size: int = Field(1, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, gt=0, description="Default: the longest captured sequence.")
+    dtype: str = "auto"
+    options: dict[str, Any] = Field(default_factory=dict, description="Any other vllm.LLM argument.")
 
 
 class CaptureConfig(StageConfig):
@@ -27,6 +37,10 @@ class CaptureConfig(StageConfig):
     shard_bytes: int = Field(256_000_000, gt=0, description="Largest shard file, in bytes (a shard is also the "
                                                               "unit of resume; one sequence is never split).")
     chat_template: str | None = None
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: one process's transformers forward; vllm: vLLM's prompt_logprobs, for teachers "
+                          "too large for one process (pip install 'posttrain[vllm]'). Same shards either way.")
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
 
 
 class CaptureLogitsStage(Stage):
@@ -34,6 +48,9 @@ class CaptureLogitsStage(Stage):
     version = "1"
     Config = CaptureConfig
     produces = "logits"
+    # How vLLM spreads the teacher over GPUs changes nothing stored (beyond bf16 noise).
+    operational_keys = Stage.operational_keys + ("vllm.tensor_parallel_size", "vllm.pipeline_parallel_size",
+                                                 "vllm.gpu_memory_utilization")
 
     def inputs(self, config: CaptureConfig) -> dict[str, str]:
         return {"teacher": config.teacher}
@@ -50,6 +67,11 @@ class CaptureLogitsStage(Stage):
         problems = config_problems(config.data, recipe_dir)
         if config.data.test_size or config.data.eval_sources:
             problems.append(("data.test_size", "capture stores every row; hold out eval data in the distill stage"))
+        if config.backend == "vllm" and config.mode != "topk":
+            problems.append(("mode", "the vllm backend returns top-k log-probs; sampled targets need backend: hf"))
+        if config.backend == "vllm" and config.temperature != 1.0:
+            problems.append(("temperature", "vLLM's prompt log-probs are the teacher's own (temperature 1); "
+                                            "use backend: hf for another temperature"))
         return problems
 
     def run(self, config: CaptureConfig, ctx: StageContext) -> dict[str, Any]:

@@ -131,6 +131,32 @@ def _teacher_targets(model, batch: list[list[int]], pad_id: int, k: int, config,
     return np.concatenate(ids_parts), np.concatenate(value_parts), np.concatenate(tail_parts)
 
 
+class VllmTeacher:
+    """The teacher served by vLLM (tensor/pipeline parallel over the node's GPUs), asked for the top-k
+    log-probs of every prompt position; converted to the shards' alignment by `from_prompt_logprobs`."""
+
+    def __init__(self, path, config, longest: int):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError:
+            raise UserError("capture backend: vllm needs vLLM: pip install 'posttrain[vllm]' (on a GPU machine)") from None
+        settings = config.vllm
+        self.params = SamplingParams(max_tokens=1, prompt_logprobs=config.k, temperature=1.0)
+        self.llm = LLM(model=str(path), tensor_parallel_size=settings.tensor_parallel_size,
+                       pipeline_parallel_size=settings.pipeline_parallel_size,
+                       gpu_memory_utilization=settings.gpu_memory_utilization, dtype=settings.dtype,
+                       max_model_len=settings.max_model_len or longest + 1, max_logprobs=config.k,
+                       skip_tokenizer_init=True, **settings.options)
+
+    def targets(self, batch: list[list[int]], k: int):
+        """ids, log-probs and log tails of every position of the batch's sequences, concatenated."""
+        from posttrain.kd.vllm_targets import from_prompt_logprobs
+
+        outputs = self.llm.generate([{"prompt_token_ids": list(seq)} for seq in batch], self.params, use_tqdm=False)
+        parts = [from_prompt_logprobs(out.prompt_logprobs, k) for out in outputs]
+        return tuple(np.concatenate([part[i] for part in parts]) for i in range(3))
+
+
 def run_capture(config, ctx: StageContext) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
@@ -140,9 +166,15 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
     tokenizer = load_chat_tokenizer(teacher_entry.path, config.chat_template, ctx)
     dataset, _, stats = prepared_datasets(ctx, tokenizer)
     lengths = np.asarray(dataset.data.column("length"), dtype=np.int64)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(teacher_entry.path, dtype="auto").to(device).eval()
-    vocab = model.config.vocab_size
+    if config.backend == "vllm":
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(teacher_entry.path).vocab_size
+        teacher = VllmTeacher(teacher_entry.path, config, int(lengths.max()))
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(teacher_entry.path, dtype="auto").to(device).eval()
+        vocab = model.config.vocab_size
     if config.mode == "topk" and config.k > vocab:
         raise UserError(f"k = {config.k} is larger than the teacher's vocabulary ({vocab})")
     data_hash = ctx.inputs["data"].key  # the prepared data's content address: same rows, same tokens
@@ -179,7 +211,10 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
         sequences, masks = _sequences(dataset, first, last)
         for start in range(0, last - first, config.batch_size):
             batch = sequences[start:start + config.batch_size]
-            parts.append(_teacher_targets(model, batch, tokenizer.pad_token_id or 0, meta["k"], config, generator))
+            if config.backend == "vllm":
+                parts.append(teacher.targets(batch, meta["k"]))
+            else:
+                parts.append(_teacher_targets(model, batch, tokenizer.pad_token_id or 0, meta["k"], config, generator))
             bar.update(sum(len(seq) for seq in batch))
             ctx.progress({"tokens": bar.n, "step": bar.n, "total": total_tokens})
         ids_np, values_np, tails_np = (np.concatenate([part[i] for part in parts]) for i in range(3))
