@@ -91,16 +91,7 @@ def test_m2lingual_without_a_config_is_a_clear_error_naming_the_configs(hub, tmp
     with pytest.raises(UserError, match=r"several configs and no default: choose one with `name:` "
                                         r"\(full_data, seed_data, seed_evol_data\)|\(seed_data, seed_evol_data, full_data\)"):
         load_conversations(config, tmp_path, 0)
-    recipe = write_recipe(tmp_path, f"""
-        name: m2
-        base: {{model: {TINY_MODEL}, chat_template: llama-3.1}}
-        stages:
-          sft:
-            kind: sft
-            data:
-              sources:
-                - {{hub: {hub["ServiceNow-AI/M2Lingual"]}, columns: {{conversation: messages}}}}
-        """)
+    recipe = sft_recipe(tmp_path, "m2", [f'{{hub: {hub["ServiceNow-AI/M2Lingual"]}, columns: {{conversation: messages}}}}'])
     result = cli("validate", str(recipe))
     assert result.returncode == 2
     assert "stages.sft.data.sources.0.name: " in result.stderr and "several configs and no default" in result.stderr

@@ -7,21 +7,20 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from posttrain.data.formats import BadRow
-from posttrain.data.sources import DataConfig, DataSource, iter_source_rows, load_hub_dataset, skip_reason
+from posttrain.data.sources import (DataConfig, DataSource, SourceCount, bad_row_message, iter_source_rows,
+                                    load_hub_dataset, normalise_row)
 from posttrain.errors import UserError
 
 
 @dataclass
-class SourceReport:
-    source: str
-    read: int = 0
+class SourceReport(SourceCount):
+    source: str = ""
     accepted: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
     first_problem: str | None = None
     error: str | None = None  # the source could not be read at all
 
@@ -46,7 +45,7 @@ def sample_rows(source: DataSource, recipe_dir: Path, rows: int):
 
 
 def inspect_source(source: DataSource, recipe_dir: Path, normalise: Callable, rows: int) -> SourceReport:
-    report = SourceReport(source.label)
+    report = SourceReport(source=source.label)
     try:
         sample = sample_rows(source, recipe_dir, rows)
     except UserError as exc:
@@ -55,18 +54,11 @@ def inspect_source(source: DataSource, recipe_dir: Path, normalise: Callable, ro
     for file, number, raw in sample:
         report.read += 1
         try:
-            if isinstance(raw, BadRow):
-                raise raw
-            if not isinstance(raw, dict):
-                raise BadRow("", "a row must be a mapping")
-            normalise({source.columns.get(k, k): v for k, v in raw.items()}, source)
+            normalise_row(raw, source, normalise)
             report.accepted += 1
         except BadRow as bad:
-            reason = skip_reason(bad)
-            report.skipped[reason] = report.skipped.get(reason, 0) + 1
-            if report.first_problem is None:
-                where = f" field {bad.field}:" if bad.field else ""
-                report.first_problem = f"{file}: row {number}:{where} {bad}"
+            report.skip(bad)
+            report.first_problem = report.first_problem or bad_row_message(file, number, bad)
     return report
 
 

@@ -281,6 +281,25 @@ class SourceCount:
     read: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
 
+    def skip(self, bad: BadRow) -> None:
+        reason = skip_reason(bad)
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def normalise_row(raw: Any, source: DataSource, normalise) -> dict:
+    """One raw row, renamed by the source's `columns` and normalised; a bad row raises BadRow."""
+    if isinstance(raw, BadRow):
+        raise raw
+    if not isinstance(raw, dict):
+        raise BadRow("", "a row must be a mapping")
+    return normalise({source.columns.get(k, k): v for k, v in raw.items()}, source)
+
+
+def bad_row_message(file: str, number: int, bad: BadRow) -> str:
+    """`file: row N: field F: message`, the way every bad row is named."""
+    where = f" field {bad.field}:" if bad.field else ""
+    return f"{file}: row {number}:{where} {bad}"
+
 
 def normalised_rows(source: DataSource, index: int, config: DataConfig, recipe_dir: Path, normalise,
                     count: SourceCount) -> Iterator[tuple[dict, dict]]:
@@ -289,19 +308,13 @@ def normalised_rows(source: DataSource, index: int, config: DataConfig, recipe_d
     for file, number, raw in iter_source_rows(source, recipe_dir):
         count.read += 1
         try:
-            if isinstance(raw, BadRow):
-                raise raw
-            if not isinstance(raw, dict):
-                raise BadRow("", "a row must be a mapping")
-            row = {source.columns.get(k, k): v for k, v in raw.items()}
-            yield {"file": file, "row": number}, {**normalise(row, source), "source": index}
+            row = normalise_row(raw, source, normalise)
         except BadRow as bad:
             if config.on_bad_rows == "error":
-                where = f" field {bad.field}:" if bad.field else ""
-                raise UserError(f"{file}: row {number}:{where} {bad} "
-                                "(fix the row, or set on_bad_rows: skip)") from None
-            reason = skip_reason(bad)
-            count.skipped[reason] = count.skipped.get(reason, 0) + 1
+                raise UserError(f"{bad_row_message(file, number, bad)} (fix the row, or set on_bad_rows: skip)") from None
+            count.skip(bad)
+            continue
+        yield {"file": file, "row": number}, {**row, "source": index}
 
 
 def mixture_rows(source: DataSource, kept: int, rng: random.Random) -> array:
