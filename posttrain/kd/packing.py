@@ -85,3 +85,37 @@ def bytes_per_token(vocab_size: int, k: int, encoding: str) -> float:
     """Storage of one position's targets (ids + values), excluding the shared input ids."""
     return math.ceil(k * id_bits(vocab_size) / 8) + (
         2 * k if encoding == "fp16" else math.ceil(k * QUANTISED[encoding][0] / 8))
+
+
+def pack_fields(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Unsigned fields of varying widths (each <= 32 bits) written back to back, little-endian bit order,
+    into ceil(sum(lengths) / 8) bytes. Fields are disjoint, so adding them into 64-bit words is OR."""
+    values = np.asarray(values, dtype=np.uint64).ravel()
+    lengths = np.asarray(lengths, dtype=np.int64).ravel()
+    total = int(lengths.sum())
+    words = np.zeros(total // 64 + 2, dtype=np.uint64)
+    if total:
+        starts = np.cumsum(lengths) - lengths
+        kept = lengths > 0
+        values = values[kept] & ((np.uint64(1) << lengths[kept].astype(np.uint64)) - np.uint64(1))
+        starts = starts[kept]
+        word, shift = starts >> 6, (starts & 63).astype(np.uint64)
+        np.add.at(words, word, values << shift)
+        spill = shift > 0  # the part that crosses into the next word (a shift by 64 would be undefined)
+        np.add.at(words, word[spill] + 1, values[spill] >> (np.uint64(64) - shift[spill]))
+    return words.astype("<u8").view(np.uint8)[: -(-total // 8)]
+
+
+def unpack_fields(data: np.ndarray, lengths: np.ndarray, first_bit: int = 0) -> np.ndarray:
+    """Inverse of pack_fields: the fields of `lengths` (each <= 32 bits) starting at bit `first_bit` of
+    `data` -> int64 values. Reading past the end of `data` is an error, not garbage."""
+    lengths = np.asarray(lengths, dtype=np.int64).ravel()
+    starts = first_bit + np.cumsum(lengths) - lengths
+    if len(lengths) and int(starts[-1] + lengths[-1]) > 8 * len(data):
+        raise ValueError("bit fields run past the end of their data")
+    padded = np.concatenate([np.asarray(data, dtype=np.uint8).ravel(), np.zeros(8, np.uint8)])
+    # Each field sits inside the 8 bytes from its first byte (shift <= 7, width <= 32).
+    windows = np.ndarray(shape=(max(len(padded) - 7, 0),), dtype="<u8", buffer=padded, strides=(1,))
+    byte, shift = starts >> 3, (starts & 7).astype(np.uint64)
+    raw = windows[byte] >> shift
+    return (raw & ((np.uint64(1) << lengths.astype(np.uint64)) - np.uint64(1))).astype(np.int64)
