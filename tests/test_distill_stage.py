@@ -39,7 +39,8 @@ def teacher_logp(model_dir, input_ids):
         return torch.log_softmax(model(torch.tensor([input_ids])).logits[0].float(), -1)
 
 
-@pytest.mark.parametrize("encoding,tolerance", [("fp16", 0.01), ("q8", 1 / 32 + 1e-4), ("q12", 1 / 256 + 1e-4)])
+@pytest.mark.parametrize("encoding,tolerance", [("fp16", 0.01), ("q8", 1 / 32 + 1e-4), ("q12", 1 / 256 + 1e-4),
+                                               ("compact", 1 / 52 + 1e-4)])
 def test_stored_values_equal_the_teachers_log_softmax(tmp_path, encoding, tolerance):
     from posttrain.kd.shards import read_index, read_shard
 
@@ -460,3 +461,24 @@ def test_the_vllm_backend_refuses_what_vllm_cannot_give(tmp_path):
         load_recipe(recipe_with(tmp_path, {"c": capture(backend="vllm", temperature=2.0)}))
     with pytest.raises(RecipeError, match="stages.c.mode: the vllm backend returns top-k log-probs"):
         load_recipe(recipe_with(tmp_path, {"c": capture(backend="vllm", mode="sampled")}))
+
+
+def test_compact_capture_with_mass_distills_with_no_extra_settings(tmp_path):
+    from posttrain.kd.shards import read_index
+
+    # The tiny random teacher is nearly uniform (its top 64 hold ~7% of the mass): a small share makes
+    # the number of entries vary.
+    stages = {"capture": capture(k=64, encoding="compact", mass=0.03),
+              "distill": {"kind": "distill", "model": "base", "teacher_logits": "capture",
+                          "training": {"max_steps": 1, **TRAIN_ARGS, "learning_rate": 1e-9}}}
+    result = posttrain.run(recipe_with(tmp_path, stages))
+    metrics = result.metrics("capture")
+    index = read_index(result.path("capture"))
+    assert index["encoding"] == "compact" and index["mass"] == 0.03 and index["compact"]["step"] == 1 / 26
+    assert metrics["mean_entries_per_position"] < 64 and metrics["mean_abs_value_error"] < 0.0105
+    (tmp_path / "fp16").mkdir()
+    fp16 = posttrain.run(recipe_with(tmp_path / "fp16", {"capture": capture(k=64)})).metrics("capture")
+    assert metrics["bytes_per_token"] < fp16["bytes_per_token"] / 2
+    # Self-distillation from the compact targets starts at (almost) zero: ids, values, masks and the tail
+    # (holding what mass left out) decode to the teacher's distribution at the right positions.
+    assert result.metrics("distill")["kd_loss"][0]["value"] <= 1e-3

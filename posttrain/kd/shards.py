@@ -6,6 +6,11 @@ A shard holds whole sequences: `input_ids` [T] int32 and `offsets` [S+1] (sequen
 added, `tail_logp` [T] float32: the exact log of the teacher's mass outside the stored ids, taken
 before the values were quantised (older shards without it stay readable). Position t's targets are
 the teacher's distribution for token t+1, i.e. they pair with the student's logits at t.
+
+Shards of the `compact` encoding (posttrain.kd.compact) hold instead `input_id_bits` and
+`loss_mask_bits` (bit-packed), `targets` (one entropy-coded block per sequence, bounds in
+`target_bounds` [S+1]), `target_tables` (the shard's frequency tables) and `tail_logp` as float16 (the
+tail includes the mass of entries `mass` left out). Readers need no setting: the metadata says which.
 """
 from __future__ import annotations
 
@@ -17,14 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from posttrain.kd.packing import ValueCodec, id_bits, pack_bits, unpack_bits
+from posttrain.kd import compact
+from posttrain.kd.packing import ValueCodec, id_bits, pack_bits, pack_fields, unpack_bits, unpack_fields
+from posttrain.kd.rans import CorruptStream
 from posttrain.errors import UserError
 
 FORMAT = "posttrain-topk-v1"
 INDEX = "index.json"
 META_FIELDS = ("format", "teacher", "teacher_key", "tokenizer_hash", "vocab_size", "k", "encoding", "id_bits",
                "mode", "samples", "temperature", "chat_template_sha256", "data_fingerprint", "values",
-               "special_tokens")
+               "special_tokens", "mass", "compact")
+COMPACT = "compact"
 
 
 @dataclass
@@ -51,33 +59,62 @@ class Shard:
 
 
 def write_shard(path: Path, sequences: list[list[int]], loss_masks: list[list[int]], ids: np.ndarray,
-                logp: np.ndarray, meta: dict[str, Any], tail_logp: np.ndarray | None = None) -> np.ndarray:
+                logp: np.ndarray, meta: dict[str, Any], tail_logp: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None]:
     """Write one shard atomically (tmp file + rename: a killed capture never leaves a torn shard).
 
-    Returns the stored values as they decode, so a caller can measure the encoding error."""
+    Returns the stored values as they decode ([T, k] in the given order; entries `mass` left out at
+    -inf) and the stored tail, so a caller can measure what the encoding changed."""
     from safetensors.numpy import save_file
 
     lengths = [len(s) for s in sequences]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     if ids.shape[0] != offsets[-1] or logp.shape != ids.shape:
         raise ValueError(f"targets for {ids.shape[0]} positions, sequences have {offsets[-1]}")
-    codec = ValueCodec(meta["encoding"])
-    tensors = {
-        "input_ids": np.concatenate([np.asarray(s, dtype=np.int32) for s in sequences]),
-        "offsets": offsets,
-        "loss_mask": np.concatenate([np.asarray(m, dtype=np.uint8) for m in loss_masks]),
-        "topk_ids": pack_bits(ids.astype(np.int64), int(meta["id_bits"])),
-        "topk_values": codec.encode(logp),
-    }
-    if tail_logp is not None:
-        tensors["tail_logp"] = np.asarray(tail_logp, dtype=np.float32)
+    if meta["encoding"] == COMPACT:
+        tensors, stored, tail = _compact_tensors(lengths, sequences, loss_masks, ids, logp, meta, tail_logp)
+    else:
+        codec = ValueCodec(meta["encoding"])
+        tensors = {
+            "input_ids": np.concatenate([np.asarray(s, dtype=np.int32) for s in sequences]),
+            "loss_mask": np.concatenate([np.asarray(m, dtype=np.uint8) for m in loss_masks]),
+            "topk_ids": pack_bits(ids.astype(np.int64), int(meta["id_bits"])),
+            "topk_values": codec.encode(logp),
+        }
+        if tail_logp is not None:
+            tensors["tail_logp"] = np.asarray(tail_logp, dtype=np.float32)
+        stored, tail = codec.decode(tensors["topk_values"], logp.shape[-1]), tail_logp
+    tensors["offsets"] = offsets
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata={key: json.dumps(value) for key, value in meta.items()})
     os.replace(tmp, path)
-    return codec.decode(tensors["topk_values"], logp.shape[-1])
+    return stored, tail
+
+
+def _compact_tensors(lengths, sequences, loss_masks, ids, logp, meta, tail_logp):
+    if not np.all(np.isfinite(logp) | (logp == -np.inf)):
+        raise ValueError("teacher log-probs contain NaN or +inf")
+    data, bounds, tables, _, stored = compact.encode(lengths, ids, logp, meta.get("mass"))
+    input_ids = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences])
+    tensors = {
+        "input_id_bits": pack_fields(input_ids, np.full(len(input_ids), int(meta["id_bits"]))),
+        "loss_mask_bits": np.packbits(np.concatenate([np.asarray(m, dtype=bool) for m in loss_masks]),
+                                      bitorder="little"),
+        "targets": data, "target_bounds": bounds, "target_tables": tables,
+    }
+    tail = None
+    if tail_logp is not None:
+        # What `mass` leaves out moves to the tail, so the stored body and tail stay one distribution.
+        dropped = np.where(np.isinf(stored) & np.isfinite(logp), logp.astype(np.float64), -np.inf)
+        tail = np.logaddexp(np.asarray(tail_logp, dtype=np.float64), np.logaddexp.reduce(dropped, axis=1))
+        tensors["tail_logp"] = tail.astype(np.float16)
+        tail = tensors["tail_logp"].astype(np.float32)
+    return tensors, stored, tail
 
 
 REQUIRED = ("input_ids", "offsets", "loss_mask", "topk_ids", "topk_values")
+REQUIRED_COMPACT = ("offsets", "input_id_bits", "loss_mask_bits", "targets", "target_bounds", "target_tables")
+_TABLES: dict[tuple, Any] = {}  # a few shards' decoding tables (~2.6 MB each), not one per open shard
 
 
 class LazyShard:
@@ -101,11 +138,25 @@ class LazyShard:
             self.meta = {key: json.loads(value) for key, value in raw_meta.items()}
         except ValueError as exc:
             raise UserError(f"{self.where}: metadata is not valid JSON ({exc})") from exc
-        missing = [n for n in REQUIRED if n not in shapes]
+        self.compact = self.meta.get("encoding") == COMPACT
+        missing = [n for n in (REQUIRED_COMPACT if self.compact else REQUIRED) if n not in shapes]
         if missing or self.meta.get("format") != FORMAT:
             raise UserError(f"{self.where}: not a {FORMAT} shard (missing {missing or 'format tag'})")
         self.offsets, self.has_tail = offsets, "tail_logp" in shapes
-        _check_header(self.where, self.meta, expect or {}, shapes, offsets)
+        if self.compact:
+            self.bounds = self._tensor("target_bounds")
+            _check_compact_header(self.where, self.meta, expect or {}, shapes, offsets, self.bounds)
+        else:
+            _check_header(self.where, self.meta, expect or {}, shapes, offsets)
+
+    def _tensor(self, name: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="numpy") as handle:
+                return handle.get_tensor(name)
+        except Exception as exc:  # noqa: BLE001 - the file changed or broke since it was opened
+            raise UserError(f"{self.where} is unreadable (truncated or not safetensors): {exc}") from exc
 
     @property
     def num_sequences(self) -> int:
@@ -115,26 +166,96 @@ class LazyShard:
         return np.diff(self.offsets).astype(np.int64)
 
     def sequence(self, index: int) -> dict[str, np.ndarray]:
+        return self.sequences(index, index + 1)[0]
+
+    def sequences(self, first: int, last: int) -> list[dict[str, np.ndarray]]:
+        """Sequences [first, last), read and checked (compact ones decoded together: faster per token)."""
         from safetensors import safe_open
 
-        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        start, end = int(self.offsets[first]), int(self.offsets[last])
+        if self.compact:
+            return self._compact_sequences(first, last)
         names = [*REQUIRED[:1], *REQUIRED[2:], *(["tail_logp"] if self.has_tail else [])]
         try:
             with safe_open(str(self.path), framework="numpy") as handle:
                 part = {name: handle.get_slice(name)[start:end] for name in names}
         except Exception as exc:  # noqa: BLE001 - the file changed or broke since it was opened
             raise UserError(f"{self.where} is unreadable (truncated or not safetensors): {exc}") from exc
-        row = _decode(self.meta, part["input_ids"], part["loss_mask"], part["topk_ids"], part["topk_values"],
-                      part.get("tail_logp"))
-        _check_rows(f"{self.where}, sequence {index + 1}", self.meta, row, first_position=start)
-        return row
+        rows = []
+        for index in range(first, last):
+            a, b = int(self.offsets[index]) - start, int(self.offsets[index + 1]) - start
+            tail = part["tail_logp"][a:b] if self.has_tail else None
+            row = _decode(self.meta, part["input_ids"][a:b], part["loss_mask"][a:b], part["topk_ids"][a:b],
+                          part["topk_values"][a:b], tail)
+            _check_rows(f"{self.where}, sequence {index + 1}", self.meta, row, first_position=a + start)
+            rows.append(row)
+        return rows
+
+    def _tables(self):
+        stat = self.path.stat()
+        key = (str(self.path), stat.st_size, stat.st_mtime_ns)
+        if key not in _TABLES:
+            if len(_TABLES) >= 4:
+                _TABLES.pop(next(iter(_TABLES)))
+            try:
+                _TABLES[key] = compact.decode_tables(self._tensor("target_tables"))
+            except CorruptStream as exc:
+                raise UserError(f"{self.where}: {exc}") from None
+        return _TABLES[key]
+
+    def _compact_sequences(self, first: int, last: int) -> list[dict[str, np.ndarray]]:
+        from safetensors import safe_open
+
+        start, end = int(self.offsets[first]), int(self.offsets[last])
+        bits = int(self.meta["id_bits"])
+        where = f"{self.where}, sequences {first + 1} to {last}" if last - first > 1 else f"{self.where}, sequence {first + 1}"
+        try:
+            with safe_open(str(self.path), framework="numpy") as handle:
+                id_bytes = handle.get_slice("input_id_bits")[start * bits // 8: -(-end * bits // 8)]
+                mask_bytes = handle.get_slice("loss_mask_bits")[start // 8: -(-end // 8)]
+                blocks = handle.get_slice("targets")[int(self.bounds[first]):int(self.bounds[last])]
+                tail = handle.get_slice("tail_logp")[start:end] if self.has_tail else None
+        except Exception as exc:  # noqa: BLE001 - the file changed or broke since it was opened
+            raise UserError(f"{self.where} is unreadable (truncated or not safetensors): {exc}") from exc
+        lengths = self.lengths()[first:last]
+        input_ids = unpack_fields(id_bytes, np.full(end - start, bits), first_bit=start * bits % 8)
+        mask = np.unpackbits(mask_bytes, bitorder="little")[start % 8: start % 8 + end - start].astype(bool)
+        cuts = self.bounds[first:last + 1] - self.bounds[first]
+        try:
+            ids, values = compact.decode([blocks[cuts[i]:cuts[i + 1]] for i in range(last - first)], lengths,
+                                         self._tables(), int(self.meta["k"]), self.meta.get("compact"))
+        except CorruptStream as exc:
+            raise UserError(f"{where}: {exc}") from None
+        rows, edges = [], np.concatenate([[0], np.cumsum(lengths)])
+        for i in range(last - first):
+            a, b = int(edges[i]), int(edges[i + 1])
+            row = {"input_ids": input_ids[a:b], "loss_mask": mask[a:b], "target_ids": ids[a:b],
+                   "target_values": values[a:b]}
+            if tail is not None:
+                row["target_tail"] = tail[a:b].astype(np.float32)
+            _check_rows(f"{self.where}, sequence {first + i + 1}", self.meta, row, first_position=start + a)
+            rows.append(row)
+        return rows
+
+    def validate(self, positions: int = 16384) -> None:
+        """Read and check every sequence, about `positions` at a time (bounded memory)."""
+        first = 0
+        while first < self.num_sequences:
+            last = int(np.searchsorted(self.offsets, self.offsets[first] + positions, side="right")) - 1
+            last = min(max(last, first + 1), self.num_sequences)
+            self.sequences(first, last)
+            first = last
 
 
-def read_shard(path: Path, expect: dict[str, Any] | None = None) -> Shard:
-    """Load a whole shard and validate all of it; every problem is a UserError naming the file."""
+def read_shard(path: Path, expect: dict[str, Any] | None = None) -> Shard | LazyShard:
+    """Load a whole shard and validate all of it; every problem is a UserError naming the file. A compact
+    shard is checked piece by piece and returned lazy (its sequences are decoded when asked for)."""
     from safetensors import safe_open
 
     lazy = LazyShard(path, expect)  # header, offsets and shapes first
+    if lazy.compact:
+        lazy.validate()
+        return lazy
     try:
         with safe_open(str(path), framework="numpy") as handle:
             arrays = {name: handle.get_tensor(name) for name in handle.keys()}
@@ -172,6 +293,25 @@ def _check_header(where: str, meta: dict, expect: dict, shapes: dict[str, list[i
         raise UserError(f"{where}: topk_values has {shapes['topk_values'][:1]} positions, input_ids has {total}")
     if "tail_logp" in shapes and shapes["tail_logp"] != [total]:
         raise UserError(f"{where}: tail_logp must hold one log-probability per position")
+
+
+def _check_compact_header(where: str, meta: dict, expect: dict, shapes: dict[str, list[int]], offsets,
+                          bounds) -> None:
+    for key, value in expect.items():
+        if meta.get(key) != value:
+            raise UserError(f"{where}: {key} is {meta.get(key)!r}, the index says {value!r}")
+    if offsets is None or len(offsets) < 2 or offsets[0] != 0 or np.any(np.diff(offsets) <= 0):
+        raise UserError(f"{where}: sequence offsets are not increasing from 0")
+    total, bits = int(offsets[-1]), int(meta["id_bits"])
+    expected = {"input_id_bits": [-(-total * bits // 8)], "loss_mask_bits": [-(-total // 8)],
+                "target_bounds": [len(offsets)], **({"tail_logp": [total]} if "tail_logp" in shapes else {})}
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise UserError(f"{where}: {name} has shape {shapes[name]}, expected {shape} for {total} positions")
+    if bounds[0] != 0 or np.any(np.diff(bounds) < 4) or bounds[-1] != shapes["targets"][0]:
+        raise UserError(f"{where}: target_bounds do not match the {shapes['targets'][0]} bytes of targets")
+    if meta.get("mode") != "topk":
+        raise UserError(f"{where}: the compact encoding stores top-k targets only")
 
 
 def _check_rows(where: str, meta: dict, row: dict[str, np.ndarray], first_position: int = 0) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from posttrain.kd.compact import parameters as compact_parameters
 from posttrain.kd.shards import read_shard, shard_meta, write_index, write_shard
 from posttrain.kd.tokenizer_check import special_token_ids, tokenizer_hash
 from posttrain.errors import UserError
@@ -73,9 +74,12 @@ def teacher_name(entry) -> str:
 
 
 def stored_bytes_per_position(vocab: int, k: int, encoding: str) -> int:
-    """Bytes one position takes in a shard: packed ids and values, the tail, its input id and mask."""
+    """Bytes one position takes in a shard: packed ids and values, the tail, its input id and mask. For
+    the compact encoding an estimate (its size depends on the teacher): ~1.45 B per entry at V = 128256."""
     from posttrain.kd.packing import bytes_per_token
 
+    if encoding == "compact":
+        return -(-3 * k // 2) + 5
     return bytes_per_token(vocab, k, encoding) + 4 + 4 + 1
 
 
@@ -185,13 +189,15 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
         samples=config.k if config.mode == "sampled" else None, temperature=config.temperature,
         chat_template_sha256=hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
         data_fingerprint=data_hash, values="logprobs", special_tokens=special_token_ids(tokenizer),
+        **({"compact": compact_parameters(), "mass": config.mass} if config.encoding == "compact" else {}),
     )
     shard_dir = ctx.work_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device="cpu").manual_seed(ctx.seed)
     total_tokens = int(lengths.sum())
-    index, error_sum, error_count, started, resumed = [], 0.0, 0, time.time(), 0
+    index, error_sum, error_count, started, resumed, entries = [], 0.0, 0, time.time(), 0, 0
     tail_errors: list[tuple[float, int, int]] = []
+    resumed_tokens = 0
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="capturing teacher logits")
     per_position = stored_bytes_per_position(vocab, meta["k"], config.encoding)
     for shard_no, (first, last) in enumerate(shard_groups(lengths.tolist(), config.shard_sequences,
@@ -203,6 +209,7 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
                 read_shard(path, {"data_fingerprint": data_hash, "k": meta["k"], "encoding": config.encoding})
                 index.append({"file": path.name, "sequences": last - first, "tokens": group_tokens})
                 resumed += 1
+                resumed_tokens += group_tokens
                 bar.update(group_tokens)
                 continue  # finished before an interruption: shard by shard resume
             except UserError:
@@ -218,11 +225,12 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
             bar.update(sum(len(seq) for seq in batch))
             ctx.progress({"tokens": bar.n, "step": bar.n, "total": total_tokens})
         ids_np, values_np, tails_np = (np.concatenate([part[i] for part in parts]) for i in range(3))
-        stored = write_shard(path, sequences, masks, ids_np, values_np, meta, tails_np)
+        stored, stored_tail = write_shard(path, sequences, masks, ids_np, values_np, meta, tails_np)
         finite = np.isfinite(stored) & np.isfinite(values_np)
-        error_sum += float(np.abs(stored - values_np)[finite].sum())
+        error_sum += float(np.abs(stored[finite] - values_np[finite]).sum())
         error_count += int(finite.sum())
-        tail_errors.append(tail_error(stored, tails_np, config.mode))
+        entries += int(np.isfinite(stored).sum())
+        tail_errors.append(tail_error(stored, tails_np if stored_tail is None else stored_tail, config.mode))
         index.append({"file": path.name, "sequences": last - first, "tokens": group_tokens})
     bar.close()
     seconds = time.time() - started
@@ -238,5 +246,7 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
         mean_abs_value_error=(error_sum / error_count) if error_count else None,
         **summarise_tail_errors(tail_errors),
         k=meta["k"], encoding=config.encoding, mode=config.mode,
+        **({"mass": config.mass, "mean_entries_per_position": round(entries / max(total_tokens - resumed_tokens, 1), 2)}
+           if config.mass is not None else {}),
     )
     return stats

@@ -1,0 +1,371 @@
+"""The `compact` encoding of teacher top-k targets: entropy-coded sorted ids and quantised log-probs.
+
+Per position, the stored entries (the top k, or with `mass` the fewest best ones whose probabilities
+reach that share of the teacher's distribution) are sorted by token id and coded as:
+- the entry count (when variable) and the position's reference code: the lowest stored value, quantised
+  at STEP nats (codes are -log p / STEP rounded; the largest code means "below the range", -inf);
+- per entry, the id gap to the previous stored id as an Elias-gamma-like symbol (exponent and top
+  mantissa bit, entropy coded) plus the remaining mantissa bits verbatim, and the value as its code's
+  distance above the reference (delta coding), entropy coded; rare large distances escape to 13 bits.
+Symbols are rANS-coded (posttrain.kd.rans) with static frequency tables fitted to each shard, one table
+per symbol kind and, for gaps and values, per sixteenth of the position's sorted entries (low ids are
+dense and likely, high ids sparse): mean absolute log-prob error is about STEP / 4 = 0.0096 nats.
+
+A position's coded symbols go to one lane of LANE_TOKENS consecutive positions; each sequence is its own
+stream (read on its own), its lanes decoded side by side. Why this layout: ids sorted by value would
+cost a permutation (~37 B/token at k = 64) that sorted ids avoid, and a static, per-shard model keeps
+decoding a few array operations per symbol step over all lanes at once.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from posttrain.kd import rans
+from posttrain.kd.packing import pack_fields, unpack_fields
+
+STEP = 1 / 26
+MAX_CODE = (1 << 13) - 1  # "below the range": decodes to -inf (probability 0, counted in the tail)
+LANE_TOKENS = 8
+BUCKETS = 16
+ESCAPE = 255
+MAX_K = 1 << 13
+
+# Context rows of the frequency tables (row 0 is rANS's null context).
+COUNT_HI, COUNT_LO, REF_HI, REF_LO = 1, 2, 3, 4
+GAP = 5
+VALUE = GAP + BUCKETS
+CONTEXTS = VALUE + BUCKETS
+GROUP_TOKENS = 16384  # positions coded at once: transient memory is bounded, whatever the shard size
+
+
+def parameters() -> dict[str, Any]:
+    """What a reader needs to decode; stored in each shard's metadata."""
+    return {"step": STEP, "max_code": MAX_CODE, "lane_tokens": LANE_TOKENS, "buckets": BUCKETS}
+
+
+def select_entries(logp: np.ndarray, mass: float | None) -> np.ndarray:
+    """Entries kept per position [n] (values best first): all k, or the fewest whose probabilities sum
+    to at least `mass` of the teacher's whole distribution (at most k)."""
+    n, k = logp.shape
+    if mass is None:
+        return np.full(n, k, dtype=np.int64)
+    covered = np.cumsum(np.exp(logp.astype(np.float64)), axis=1)
+    return np.minimum((covered < mass).sum(1) + 1, k).astype(np.int64)
+
+
+def quantise(logp: np.ndarray) -> np.ndarray:
+    codes = np.rint(-np.asarray(logp, dtype=np.float64) / STEP)
+    return np.clip(np.nan_to_num(codes, posinf=MAX_CODE), 0, MAX_CODE).astype(np.int64)
+
+
+def dequantise(codes: np.ndarray) -> np.ndarray:
+    values = (-codes * STEP).astype(np.float32)
+    values[codes >= MAX_CODE] = -np.inf
+    return values
+
+
+@dataclass
+class Entries:
+    """One group of positions' stored entries, flat in (position, id) order."""
+    counts: np.ndarray   # [n] entries per position
+    ids: np.ndarray      # [E] ascending within each position
+    codes: np.ndarray    # [E]
+
+    @property
+    def reference(self) -> np.ndarray:
+        """Per position, the largest code (the lowest stored value)."""
+        starts = np.cumsum(self.counts) - self.counts
+        return np.maximum.reduceat(self.codes, starts) if len(self.codes) else np.zeros(0, np.int64)
+
+
+def sorted_entries(ids: np.ndarray, logp: np.ndarray, counts: np.ndarray) -> Entries:
+    """Keep each position's `counts` best entries, sorted by id."""
+    n, k = ids.shape
+    best_first = np.argsort(-np.where(np.isnan(logp), -np.inf, logp), axis=1, kind="stable")
+    ids = np.take_along_axis(ids.astype(np.int64), best_first, 1)
+    codes = quantise(np.take_along_axis(logp, best_first, 1))
+    kept = np.arange(k)[None, :] < counts[:, None]
+    big = np.iinfo(np.int64).max
+    by_id = np.argsort(np.where(kept, ids, big), axis=1, kind="stable")
+    ids, codes = np.take_along_axis(ids, by_id, 1), np.take_along_axis(codes, by_id, 1)
+    kept = np.take_along_axis(kept, by_id, 1)
+    return Entries(counts, ids[kept], codes[kept])
+
+
+def _gap_symbols(gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """gap >= 1 -> (symbol, raw bits, raw length): exponent e and the bit below the top one make the
+    symbol, the e - 1 lower bits are raw."""
+    exponent = np.floor(np.log2(gaps)).astype(np.int64)
+    exponent = exponent - ((1 << exponent) > gaps) + ((1 << (exponent + 1)) <= gaps)  # exact for big ids
+    top = np.where(exponent > 0, (gaps >> np.maximum(exponent - 1, 0)) & 1, 0)
+    symbol = np.where(exponent > 0, 2 * exponent - 1 + top, 0)
+    length = np.maximum(exponent - 1, 0)
+    return symbol, gaps & ((1 << length) - 1), length
+
+
+def _gaps_from(symbol: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    exponent = (symbol + 1) >> 1
+    top = (symbol + 1) & 1
+    return np.where(symbol == 0, 1, (1 << exponent) | (top << np.maximum(exponent - 1, 0)) | raw)
+
+
+def _gap_raw_length(symbol: np.ndarray) -> np.ndarray:
+    return np.maximum(((symbol + 1) >> 1) - 1, 0)
+
+
+@dataclass
+class Layout:
+    """Where each position's symbols go: lanes of LANE_TOKENS positions, per-stream (sequence) lanes."""
+    lane_of_position: np.ndarray
+    lane_stream: np.ndarray
+    slot_in_lane: np.ndarray  # position's index within its lane
+
+    @classmethod
+    def of(cls, lengths: np.ndarray, lane_tokens: int) -> "Layout":
+        lengths = np.asarray(lengths, dtype=np.int64)
+        lanes_per = -(-lengths // lane_tokens)
+        lane_start = np.cumsum(lanes_per) - lanes_per
+        stream_of_position = np.repeat(np.arange(len(lengths)), lengths)
+        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        lane = lane_start[stream_of_position] + within // lane_tokens
+        return cls(lane, np.repeat(np.arange(len(lengths)), lanes_per), within % lane_tokens)
+
+    @property
+    def lanes(self) -> int:
+        return len(self.lane_stream)
+
+
+def _entry_bucket(counts: np.ndarray) -> np.ndarray:
+    """Per flat entry, its sixteenth of the position's sorted entries."""
+    position = np.repeat(np.arange(len(counts)), counts)
+    j = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return (j * BUCKETS) // counts[position]
+
+
+def _count_grid(layout: Layout, lane_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(step, lane) of each position's two count symbols: lane-major positions, 2 steps each."""
+    step = 2 * layout.slot_in_lane
+    return step, layout.lane_of_position
+
+
+def _entry_grid(layout: Layout, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Steps of the second phase: per position 2 reference symbols then (gap, value) per entry, positions
+    one after another in their lane. Returns (first step of each position, step of each entry's gap,
+    lane of each entry, number of steps)."""
+    cost = 2 + 2 * counts
+    order = np.lexsort((layout.slot_in_lane, layout.lane_of_position))  # positions are lane-contiguous
+    cost_sorted = cost[order]
+    lane_sorted = layout.lane_of_position[order]
+    ends = np.cumsum(cost_sorted)
+    lane_first = np.searchsorted(lane_sorted, np.arange(layout.lanes))
+    lane_base = np.concatenate([[0], ends])[lane_first]
+    start_sorted = ends - cost_sorted - lane_base[lane_sorted]
+    start = np.empty_like(start_sorted)
+    start[order] = start_sorted
+    position = np.repeat(np.arange(len(counts)), counts)
+    j = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    steps = int((start + cost).max()) if len(counts) else 0
+    return start, start[position] + 2 + 2 * j, layout.lane_of_position[position], steps
+
+
+@dataclass
+class GroupSymbols:
+    """Every symbol of a group of positions, with its context, in the grids rANS codes."""
+    symbols: np.ndarray   # [steps, lanes]
+    contexts: np.ndarray  # [steps, lanes]
+    raw_values: list[np.ndarray]   # per stream
+    raw_lengths: list[np.ndarray]  # per stream
+
+
+def symbolise(entries: Entries, lengths: np.ndarray) -> GroupSymbols:
+    counts, lane_tokens = entries.counts, LANE_TOKENS
+    if np.any(counts < 1) or np.any(counts > MAX_K):
+        raise ValueError(f"the compact encoding stores 1 to {MAX_K} entries per position")
+    layout = Layout.of(lengths, lane_tokens)
+    reference = entries.reference
+    starts = np.cumsum(counts) - counts
+    previous = np.concatenate([[-1], entries.ids[:-1]])
+    previous[starts] = -1
+    gaps = entries.ids - previous
+    if np.any(gaps < 1):
+        raise ValueError("a position stores the same id twice; the compact encoding needs distinct top-k ids")
+    gap_symbol, gap_raw, gap_length = _gap_symbols(gaps)
+    distance = np.repeat(reference, counts) - entries.codes
+    value_symbol = np.minimum(distance, ESCAPE)
+    escaped = distance >= ESCAPE
+    first_step, gap_step, entry_lane, entry_steps = _entry_grid(layout, counts)
+    count_steps = 2 * lane_tokens
+    symbols = np.zeros((count_steps + entry_steps, layout.lanes), dtype=np.int64)
+    contexts = np.zeros_like(symbols)
+    step, lane = _count_grid(layout, lane_tokens)
+    symbols[step, lane], contexts[step, lane] = (counts - 1) >> 6, COUNT_HI
+    symbols[step + 1, lane], contexts[step + 1, lane] = (counts - 1) & 63, COUNT_LO
+    step = count_steps + first_step
+    symbols[step, lane], contexts[step, lane] = reference >> 5, REF_HI
+    symbols[step + 1, lane], contexts[step + 1, lane] = reference & 31, REF_LO
+    bucket = _entry_bucket(counts)
+    step = count_steps + gap_step
+    symbols[step, entry_lane], contexts[step, entry_lane] = gap_symbol, GAP + bucket
+    symbols[step + 1, entry_lane], contexts[step + 1, entry_lane] = value_symbol, VALUE + bucket
+    # Raw bits per stream: gap mantissas in (position, entry) order, then escaped distances.
+    stream_of_entry = np.repeat(layout.lane_stream[layout.lane_of_position], counts)
+    raw_values, raw_lengths = [], []
+    bounds = np.searchsorted(stream_of_entry, np.arange(len(lengths) + 1))
+    for stream in range(len(lengths)):
+        part = slice(bounds[stream], bounds[stream + 1])
+        escapes = escaped[part]
+        raw_values.append(np.concatenate([gap_raw[part], distance[part][escapes] - ESCAPE]))
+        raw_lengths.append(np.concatenate([gap_length[part], np.full(int(escapes.sum()), 13)]))
+    return GroupSymbols(symbols, contexts, raw_values, raw_lengths)
+
+
+def count_symbols(groups: list[GroupSymbols]) -> np.ndarray:
+    counts = np.zeros((CONTEXTS, 256), dtype=np.int64)
+    for group in groups:
+        np.add.at(counts, (group.contexts.ravel(), group.symbols.ravel()), 1)
+    return counts
+
+
+def encode_group(group: GroupSymbols, tables: rans.Tables, streams: int, lane_stream: np.ndarray) -> list[bytes]:
+    """One coded block per stream: [uint32 word count][rANS words][raw bits]."""
+    words = rans.encode(group.symbols, group.contexts, tables, lane_stream, streams)
+    blocks = []
+    for stream in range(streams):
+        raw = pack_fields(group.raw_values[stream], group.raw_lengths[stream])
+        blocks.append(np.uint32(len(words[stream])).tobytes() + words[stream].astype("<u2").tobytes() + raw.tobytes())
+    return blocks
+
+
+def encode_tables(freq: np.ndarray) -> np.ndarray:
+    return np.frombuffer(zlib.compress(freq.astype("<u2").tobytes(), 9), dtype=np.uint8).copy()
+
+
+def decode_tables(stored: np.ndarray) -> rans.Tables:
+    try:
+        raw = zlib.decompress(np.asarray(stored, dtype=np.uint8).tobytes())
+    except zlib.error as exc:
+        raise rans.CorruptStream(f"frequency tables are damaged ({exc})") from None
+    freq = np.frombuffer(raw, dtype="<u2").astype(np.int64)
+    if len(freq) != CONTEXTS * 256:
+        raise rans.CorruptStream("frequency tables have the wrong size")
+    return rans.Tables(freq.reshape(CONTEXTS, 256))
+
+
+def encode(lengths: list[int], ids: np.ndarray, logp: np.ndarray, mass: float | None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sequences of `lengths` positions with targets ids/logp [T, k] (any order) -> (blocks uint8,
+    block bounds [S+1], tables uint8, entries kept [T], stored log-probs [T, k] in the input's order with
+    dropped entries at -inf)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    counts = select_entries(np.sort(logp, axis=1)[:, ::-1], mass)
+    # Groups of whole sequences of about GROUP_TOKENS positions, symbolised twice: once to count, once
+    # to code (holding every group's symbols would cost ~2 KB per position).
+    ends = np.cumsum(lengths)
+    groups, first = [], 0
+    for index in range(len(lengths)):
+        if ends[index] - (ends[first - 1] if first else 0) >= GROUP_TOKENS or index == len(lengths) - 1:
+            groups.append((first, index + 1))
+            first = index + 1
+    offsets = np.concatenate([[0], ends])
+
+    def group_symbols(first: int, last: int) -> GroupSymbols:
+        rows = slice(int(offsets[first]), int(offsets[last]))
+        return symbolise(sorted_entries(ids[rows], logp[rows], counts[rows]), lengths[first:last])
+
+    frequencies = np.zeros((CONTEXTS, 256), dtype=np.int64)
+    for first, last in groups:
+        frequencies += count_symbols([group_symbols(first, last)])
+    tables = rans.Tables(rans.normalise(frequencies))
+    blocks: list[bytes] = []
+    for first, last in groups:
+        group = group_symbols(first, last)
+        lanes_per = -(-lengths[first:last] // LANE_TOKENS)
+        blocks += encode_group(group, tables, last - first, np.repeat(np.arange(last - first), lanes_per))
+    bounds = np.concatenate([[0], np.cumsum([len(b) for b in blocks])]).astype(np.int64)
+    data = np.frombuffer(b"".join(blocks), dtype=np.uint8).copy()
+    order = np.argsort(-np.where(np.isnan(logp), -np.inf, logp), axis=1, kind="stable")
+    rank = np.argsort(order, axis=1)
+    stored = dequantise(quantise(logp))
+    stored[rank >= counts[:, None]] = -np.inf
+    return data, bounds, encode_tables(tables.freq), counts, stored
+
+
+def decode(blocks: list[np.ndarray], lengths: np.ndarray, tables: rans.Tables, k: int,
+           params: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Coded blocks of sequences (one uint8 array each) with `lengths` positions -> ids [T, k] int64 and
+    log-probs [T, k] float32, in id order; positions with fewer entries are padded with their first id
+    repeated at -inf (a repeat is ignored by the losses). Raises rans.CorruptStream on damaged data."""
+    params = params or parameters()
+    if params != parameters():
+        raise rans.CorruptStream(f"compact parameters {params} are not ones this version reads")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    layout = Layout.of(lengths, LANE_TOKENS)
+    words, raws, bounds = [], [], [0]
+    for block in blocks:
+        block = np.asarray(block, dtype=np.uint8)
+        if len(block) < 4:
+            raise rans.CorruptStream("a coded block is shorter than its header")
+        count = int(block[:4].view("<u4")[0])
+        if 4 + 2 * count > len(block):
+            raise rans.CorruptStream("a coded block is shorter than its word count")
+        words.append(block[4:4 + 2 * count].view("<u2"))
+        raws.append(block[4 + 2 * count:])
+        bounds.append(bounds[-1] + count)
+    decoder = rans.Decoder(np.concatenate(words) if words else np.zeros(0, np.uint16), np.asarray(bounds),
+                           tables, layout.lane_stream)
+    count_contexts = np.zeros((2 * LANE_TOKENS, layout.lanes), dtype=np.int64)
+    step, lane = _count_grid(layout, LANE_TOKENS)
+    count_contexts[step, lane], count_contexts[step + 1, lane] = COUNT_HI, COUNT_LO
+    grid = decoder.decode(count_contexts).ravel().astype(np.int64)
+    flat = step * layout.lanes + lane
+    counts = (grid[flat] << 6 | grid[flat + layout.lanes]) + 1
+    if np.any(counts > k):
+        raise rans.CorruptStream(f"a position stores more than k = {k} entries")
+    first_step, gap_step, entry_lane, entry_steps = _entry_grid(layout, counts)
+    contexts = np.zeros((entry_steps, layout.lanes), dtype=np.int64)
+    contexts[first_step, lane], contexts[first_step + 1, lane] = REF_HI, REF_LO
+    bucket = _entry_bucket(counts)
+    contexts[gap_step, entry_lane], contexts[gap_step + 1, entry_lane] = GAP + bucket, VALUE + bucket
+    grid = decoder.decode(contexts).ravel()
+    decoder.finish()
+    flat = first_step * layout.lanes + lane
+    reference = grid[flat].astype(np.int64) << 5 | grid[flat + layout.lanes]
+    flat = gap_step * layout.lanes + entry_lane
+    gap_symbol, value_symbol = grid[flat].astype(np.int64), grid[flat + layout.lanes].astype(np.int64)
+    # Raw bits, stream by stream.
+    gap_raw = np.zeros(len(gap_symbol), dtype=np.int64)
+    distance = value_symbol.copy()
+    entry_stream = np.repeat(layout.lane_stream[layout.lane_of_position], counts)
+    entry_bounds = np.searchsorted(entry_stream, np.arange(len(lengths) + 1))
+    gap_length = _gap_raw_length(gap_symbol)
+    for stream, raw in enumerate(raws):
+        part = slice(entry_bounds[stream], entry_bounds[stream + 1])
+        escapes = np.flatnonzero(value_symbol[part] == ESCAPE) + entry_bounds[stream]
+        lengths_here = np.concatenate([gap_length[part], np.full(len(escapes), 13)]) if len(escapes) else gap_length[part]
+        try:
+            fields = unpack_fields(raw, lengths_here)
+        except ValueError:
+            raise rans.CorruptStream("a coded block's raw bits are cut short") from None
+        gap_raw[part] = fields[: part.stop - part.start]
+        distance[escapes] = ESCAPE + fields[part.stop - part.start:]
+    gaps = _gaps_from(gap_symbol, gap_raw)
+    starts = np.cumsum(counts) - counts
+    ids_flat = np.cumsum(gaps)
+    ids_flat -= np.repeat(ids_flat[starts] - gaps[starts], counts) + 1  # restart at each position
+    codes = np.repeat(reference, counts) - distance
+    if np.any(codes < 0):
+        raise rans.CorruptStream("a stored value lies above its position's reference")
+    total = len(counts)
+    if np.all(counts == k):
+        return ids_flat.reshape(total, k), dequantise(codes).reshape(total, k)
+    ids = np.repeat(ids_flat[starts][:, None], k, axis=1) if total else np.zeros((0, k), np.int64)
+    values = np.full((total, k), -np.inf, dtype=np.float32)
+    position = np.repeat(np.arange(total), counts)
+    j = np.arange(len(ids_flat)) - np.repeat(starts, counts)
+    ids[position, j] = ids_flat
+    values[position, j] = dequantise(codes)
+    return ids, values
