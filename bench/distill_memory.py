@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Distill memory against the size of the capture, and against SFT on the same data (CPU is fine).
 
-    python bench/distill_memory.py [--rows 500] [--factor 8] [--steps 20]
+    python bench/distill_memory.py [--rows 500] [--factor 8] [--steps 20] [--encoding compact]
 
 A capture of the tiny model (V = 1024) at k = 512 over `rows` chat rows and over `factor` x as many,
 then the same distill run (same student, steps and batch) over each, and SFT over the small data:
@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=500)
     parser.add_argument("--factor", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--encoding", default="fp16", help="the capture's encoding (fp16, q8-q12, compact)")
     args = parser.parse_args()
     training = {**TRAIN, "max_steps": args.steps}
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,6 +62,7 @@ def main() -> None:
             data = tmp / f"{label}.jsonl"
             write_rows(data, rows)
             capture = {"kind": "capture_logits", "teacher": "base", "k": 512, "shard_sequences": 256,
+                       "encoding": args.encoding,
                        "data": {"sources": [{"path": str(data)}], "max_length": 256}}
             measure(recipe(tmp, f"cap_{label}", {"capture": capture}), env, out)  # built once, then cached
             stages = {"capture": capture, "distill": {"kind": "distill", "model": "base", "teacher_logits": "capture",
@@ -73,6 +75,7 @@ def main() -> None:
         results["sft_small"] = measure(recipe(tmp, "sft_small", {"sft": sft}), env, out)["peak_rss_mb"]
     print(json.dumps({
         "rows": [args.rows, args.rows * args.factor],
+        "encoding": args.encoding,
         "peak_rss_mb": {k: round(v, 1) for k, v in results.items() if "rss" in k or k.startswith(("distill", "sft"))},
         "large_vs_small_distill": round(results["distill_large"] / results["distill_small"], 3),
         "distill_vs_sft": round(results["distill_small"] / results["sft_small"], 3),

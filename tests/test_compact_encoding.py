@@ -88,7 +88,8 @@ def _decode_all(blocks_data, bounds, tables, lengths, k):
 def test_compact_keeps_every_id_and_quantises_values_to_a_hundredth_of_a_nat():
     ids, values = teacher(300, 64)
     lengths = [1, 120, 7, 172]
-    data, bounds, tables, counts, stored = compact.encode(lengths, ids, values, None)
+    encoded = compact.encode(lengths, ids, values, None)
+    data, bounds, tables, counts, stored = encoded.data, encoded.bounds, encoded.tables, encoded.counts, encoded.stored
     got_ids, got_values = _decode_all(data, bounds, tables, lengths, 64)
     assert np.all(counts == 64)
     np.testing.assert_array_equal(np.sort(got_ids, 1), np.sort(ids, 1))
@@ -109,7 +110,8 @@ def test_compact_keeps_every_id_and_quantises_values_to_a_hundredth_of_a_nat():
 
 def test_mass_keeps_the_fewest_best_entries_that_reach_it():
     ids, values = teacher(90, 64, seed=3)
-    data, bounds, tables, counts, stored = compact.encode([90], ids, values, 0.9)
+    encoded = compact.encode([90], ids, values, 0.9)
+    data, bounds, tables, counts = encoded.data, encoded.bounds, encoded.tables, encoded.counts
     probabilities = np.sort(np.exp(values.astype(np.float64)), 1)[:, ::-1]
     covered = np.cumsum(probabilities, 1)
     for p in range(90):
@@ -132,7 +134,8 @@ def test_escapes_minus_infinity_and_large_vocabularies_round_trip():
     values = -np.sort(rng.uniform(0, 40, (n, k)), 1).astype(np.float32)  # spreads far beyond 255 steps
     values[3, -1] = -np.inf
     ids[4, 0] = vocab - 1
-    data, bounds, tables, _, _ = compact.encode([n], ids, values, None)
+    encoded = compact.encode([n], ids, values, None)
+    data, bounds, tables = encoded.data, encoded.bounds, encoded.tables
     got_ids, got_values = _decode_all(data, bounds, tables, [n], k)
     order = np.argsort(ids, 1)
     np.testing.assert_array_equal(got_ids, np.take_along_axis(ids, order, 1))

@@ -39,7 +39,7 @@ COUNT_HI, COUNT_LO, REF_HI, REF_LO = 1, 2, 3, 4
 GAP = 5
 VALUE = GAP + BUCKETS
 CONTEXTS = VALUE + BUCKETS
-GROUP_TOKENS = 16384  # positions coded at once: transient memory is bounded, whatever the shard size
+GROUP_TOKENS = 4096  # positions coded at once (~10 KB each while coding): bounded, whatever the shard size
 
 
 def parameters() -> dict[str, Any]:
@@ -146,7 +146,7 @@ def _entry_bucket(counts: np.ndarray) -> np.ndarray:
     return (j * BUCKETS) // counts[position]
 
 
-def _count_grid(layout: Layout, lane_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def _count_grid(layout: Layout) -> tuple[np.ndarray, np.ndarray]:
     """(step, lane) of each position's two count symbols: lane-major positions, 2 steps each."""
     step = 2 * layout.slot_in_lane
     return step, layout.lane_of_position
@@ -157,15 +157,9 @@ def _entry_grid(layout: Layout, counts: np.ndarray) -> tuple[np.ndarray, np.ndar
     one after another in their lane. Returns (first step of each position, step of each entry's gap,
     lane of each entry, number of steps)."""
     cost = 2 + 2 * counts
-    order = np.lexsort((layout.slot_in_lane, layout.lane_of_position))  # positions are lane-contiguous
-    cost_sorted = cost[order]
-    lane_sorted = layout.lane_of_position[order]
-    ends = np.cumsum(cost_sorted)
-    lane_first = np.searchsorted(lane_sorted, np.arange(layout.lanes))
-    lane_base = np.concatenate([[0], ends])[lane_first]
-    start_sorted = ends - cost_sorted - lane_base[lane_sorted]
-    start = np.empty_like(start_sorted)
-    start[order] = start_sorted
+    ends = np.cumsum(cost)
+    lane_first = np.searchsorted(layout.lane_of_position, np.arange(layout.lanes))  # positions are lane-ordered
+    start = ends - cost - np.concatenate([[0], ends])[lane_first][layout.lane_of_position]
     position = np.repeat(np.arange(len(counts)), counts)
     j = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
     steps = int((start + cost).max()) if len(counts) else 0
@@ -199,9 +193,9 @@ def symbolise(entries: Entries, lengths: np.ndarray) -> GroupSymbols:
     escaped = distance >= ESCAPE
     first_step, gap_step, entry_lane, entry_steps = _entry_grid(layout, counts)
     count_steps = 2 * lane_tokens
-    symbols = np.zeros((count_steps + entry_steps, layout.lanes), dtype=np.int64)
+    symbols = np.zeros((count_steps + entry_steps, layout.lanes), dtype=np.uint8)
     contexts = np.zeros_like(symbols)
-    step, lane = _count_grid(layout, lane_tokens)
+    step, lane = _count_grid(layout)
     symbols[step, lane], contexts[step, lane] = (counts - 1) >> 6, COUNT_HI
     symbols[step + 1, lane], contexts[step + 1, lane] = (counts - 1) & 63, COUNT_LO
     step = count_steps + first_step
@@ -255,22 +249,41 @@ def decode_tables(stored: np.ndarray) -> rans.Tables:
     return rans.Tables(freq.reshape(CONTEXTS, 256))
 
 
-def encode(lengths: list[int], ids: np.ndarray, logp: np.ndarray, mass: float | None
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Sequences of `lengths` positions with targets ids/logp [T, k] (any order) -> (blocks uint8,
-    block bounds [S+1], tables uint8, entries kept [T], stored log-probs [T, k] in the input's order with
-    dropped entries at -inf)."""
+@dataclass
+class Encoded:
+    data: np.ndarray       # uint8: one coded block per sequence
+    bounds: np.ndarray     # [S+1] byte offsets of the blocks
+    tables: np.ndarray     # uint8: the frequency tables (encode_tables)
+    counts: np.ndarray     # [T] entries kept per position
+    stored: np.ndarray     # [T, k] the log-probs as they decode, in the input's order; left out: -inf
+    left_out: np.ndarray   # [T] log of the mass `mass` left out (-inf where none)
+
+
+def encode(lengths: list[int], ids: np.ndarray, logp: np.ndarray, mass: float | None) -> Encoded:
+    """Sequences of `lengths` positions with targets ids/logp [T, k] (any order), coded.
+
+    Works on groups of whole sequences of about GROUP_TOKENS positions, each symbolised twice (once to
+    count, once to code): transient memory depends on the group, not on the number of positions."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    counts = select_entries(np.sort(logp, axis=1)[:, ::-1], mass)
-    # Groups of whole sequences of about GROUP_TOKENS positions, symbolised twice: once to count, once
-    # to code (holding every group's symbols would cost ~2 KB per position).
     ends = np.cumsum(lengths)
+    offsets = np.concatenate([[0], ends])
     groups, first = [], 0
     for index in range(len(lengths)):
-        if ends[index] - (ends[first - 1] if first else 0) >= GROUP_TOKENS or index == len(lengths) - 1:
+        if ends[index] - offsets[first] >= GROUP_TOKENS or index == len(lengths) - 1:
             groups.append((first, index + 1))
             first = index + 1
-    offsets = np.concatenate([[0], ends])
+    total, k = logp.shape
+    counts = np.empty(total, dtype=np.int64)
+    stored = np.empty((total, k), dtype=np.float32)
+    left_out = np.empty(total, dtype=np.float64)
+    for first, last in groups:
+        rows = slice(int(offsets[first]), int(offsets[last]))
+        part = logp[rows].astype(np.float64)
+        best_first = np.argsort(-part, axis=1, kind="stable")
+        counts[rows] = select_entries(np.take_along_axis(part, best_first, 1), mass)
+        dropped = np.argsort(best_first, axis=1) >= counts[rows][:, None]  # rank among the entries >= count
+        stored[rows] = np.where(dropped, -np.inf, dequantise(quantise(part)))
+        left_out[rows] = np.logaddexp.reduce(np.where(dropped, part, -np.inf), axis=1)
 
     def group_symbols(first: int, last: int) -> GroupSymbols:
         rows = slice(int(offsets[first]), int(offsets[last]))
@@ -287,11 +300,7 @@ def encode(lengths: list[int], ids: np.ndarray, logp: np.ndarray, mass: float | 
         blocks += encode_group(group, tables, last - first, np.repeat(np.arange(last - first), lanes_per))
     bounds = np.concatenate([[0], np.cumsum([len(b) for b in blocks])]).astype(np.int64)
     data = np.frombuffer(b"".join(blocks), dtype=np.uint8).copy()
-    order = np.argsort(-np.where(np.isnan(logp), -np.inf, logp), axis=1, kind="stable")
-    rank = np.argsort(order, axis=1)
-    stored = dequantise(quantise(logp))
-    stored[rank >= counts[:, None]] = -np.inf
-    return data, bounds, encode_tables(tables.freq), counts, stored
+    return Encoded(data, bounds, encode_tables(tables.freq), counts, stored, left_out)
 
 
 def decode(blocks: list[np.ndarray], lengths: np.ndarray, tables: rans.Tables, k: int,
@@ -317,12 +326,17 @@ def decode(blocks: list[np.ndarray], lengths: np.ndarray, tables: rans.Tables, k
         bounds.append(bounds[-1] + count)
     decoder = rans.Decoder(np.concatenate(words) if words else np.zeros(0, np.uint16), np.asarray(bounds),
                            tables, layout.lane_stream)
-    count_contexts = np.zeros((2 * LANE_TOKENS, layout.lanes), dtype=np.int64)
-    step, lane = _count_grid(layout, LANE_TOKENS)
-    count_contexts[step, lane], count_contexts[step + 1, lane] = COUNT_HI, COUNT_LO
-    grid = decoder.decode(count_contexts).ravel().astype(np.int64)
-    flat = step * layout.lanes + lane
-    counts = (grid[flat] << 6 | grid[flat + layout.lanes]) + 1
+    step, lane = _count_grid(layout)
+    only = [np.flatnonzero(tables.freq[row] == rans.TOTAL) for row in (COUNT_HI, COUNT_LO)]
+    if all(len(symbol) for symbol in only):
+        # One count for every position (plain top-k): its symbols carry no bits and move no state.
+        counts = np.full(len(lane), (int(only[0][0]) << 6 | int(only[1][0])) + 1, dtype=np.int64)
+    else:
+        count_contexts = np.zeros((2 * LANE_TOKENS, layout.lanes), dtype=np.int64)
+        count_contexts[step, lane], count_contexts[step + 1, lane] = COUNT_HI, COUNT_LO
+        grid = decoder.decode(count_contexts).ravel().astype(np.int64)
+        flat = step * layout.lanes + lane
+        counts = (grid[flat] << 6 | grid[flat + layout.lanes]) + 1
     if np.any(counts > k):
         raise rans.CorruptStream(f"a position stores more than k = {k} entries")
     first_step, gap_step, entry_lane, entry_steps = _entry_grid(layout, counts)

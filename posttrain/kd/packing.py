@@ -62,23 +62,33 @@ class ValueCodec:
             raise ValueError(f"unknown value encoding {self.encoding!r}; one of {', '.join(ENCODINGS)}")
 
     def encode(self, logp: np.ndarray) -> np.ndarray:
-        """[..., k] float log-probs -> stored array (fp16, or packed uint8 codes)."""
+        """[..., k] float log-probs -> stored array (fp16, or packed uint8 codes), CHUNK_ROWS rows at a time."""
         if self.encoding == "fp16":
             return np.asarray(logp, dtype=np.float16)
         bits, step = QUANTISED[self.encoding]
-        negated = -np.asarray(logp, dtype=np.float64)
-        codes = np.clip(np.rint(negated / step), 0, 2 ** bits - 1)
-        return pack_bits(codes.astype(np.uint64), bits)
+        logp = np.asarray(logp)
+        flat = logp.reshape(-1, logp.shape[-1])
+        out = np.empty((len(flat), -(-flat.shape[-1] * bits // 8)), dtype=np.uint8)
+        for start in range(0, len(flat), CHUNK_ROWS):
+            negated = -flat[start:start + CHUNK_ROWS].astype(np.float64)
+            codes = np.clip(np.rint(negated / step), 0, 2 ** bits - 1)
+            out[start:start + CHUNK_ROWS] = pack_bits(codes.astype(np.uint64), bits)
+        return out.reshape(*logp.shape[:-1], out.shape[-1])
 
     def decode(self, stored: np.ndarray, k: int) -> np.ndarray:
-        """Stored array -> [..., k] float32 log-probs."""
+        """Stored array -> [..., k] float32 log-probs, CHUNK_ROWS rows at a time."""
         if self.encoding == "fp16":
             return np.asarray(stored, dtype=np.float32)
         bits, step = QUANTISED[self.encoding]
-        codes = unpack_bits(stored, bits, k)
-        values = (-codes * step).astype(np.float32)
-        values[codes == 2 ** bits - 1] = -np.inf
-        return values
+        stored = np.asarray(stored)
+        flat = stored.reshape(-1, stored.shape[-1])
+        out = np.empty((len(flat), k), dtype=np.float32)
+        for start in range(0, len(flat), CHUNK_ROWS):
+            codes = unpack_bits(flat[start:start + CHUNK_ROWS], bits, k)
+            values = (-codes * step).astype(np.float32)
+            values[codes == 2 ** bits - 1] = -np.inf
+            out[start:start + CHUNK_ROWS] = values
+        return out.reshape(*stored.shape[:-1], k)
 
 
 def bytes_per_token(vocab_size: int, k: int, encoding: str) -> float:

@@ -166,7 +166,7 @@ class Decoder:
             state *= freq_of[slot]
             state += bias_of[slot]
             need = state < LOWER
-            counted = np.cumsum(need)
+            counted = need.cumsum()
             if not counted[-1]:
                 continue
             if single:

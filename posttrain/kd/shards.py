@@ -78,7 +78,7 @@ def write_shard(path: Path, sequences: list[list[int]], loss_masks: list[list[in
         tensors = {
             "input_ids": np.concatenate([np.asarray(s, dtype=np.int32) for s in sequences]),
             "loss_mask": np.concatenate([np.asarray(m, dtype=np.uint8) for m in loss_masks]),
-            "topk_ids": pack_bits(ids.astype(np.int64), int(meta["id_bits"])),
+            "topk_ids": pack_bits(ids, int(meta["id_bits"])),  # converted chunk by chunk
             "topk_values": codec.encode(logp),
         }
         if tail_logp is not None:
@@ -94,22 +94,20 @@ def write_shard(path: Path, sequences: list[list[int]], loss_masks: list[list[in
 def _compact_tensors(lengths, sequences, loss_masks, ids, logp, meta, tail_logp):
     if not np.all(np.isfinite(logp) | (logp == -np.inf)):
         raise ValueError("teacher log-probs contain NaN or +inf")
-    data, bounds, tables, _, stored = compact.encode(lengths, ids, logp, meta.get("mass"))
+    encoded = compact.encode(lengths, ids, logp, meta.get("mass"))
     input_ids = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences])
     tensors = {
         "input_id_bits": pack_fields(input_ids, np.full(len(input_ids), int(meta["id_bits"]))),
         "loss_mask_bits": np.packbits(np.concatenate([np.asarray(m, dtype=bool) for m in loss_masks]),
                                       bitorder="little"),
-        "targets": data, "target_bounds": bounds, "target_tables": tables,
+        "targets": encoded.data, "target_bounds": encoded.bounds, "target_tables": encoded.tables,
     }
     tail = None
     if tail_logp is not None:
         # What `mass` leaves out moves to the tail, so the stored body and tail stay one distribution.
-        dropped = np.where(np.isinf(stored) & np.isfinite(logp), logp.astype(np.float64), -np.inf)
-        tail = np.logaddexp(np.asarray(tail_logp, dtype=np.float64), np.logaddexp.reduce(dropped, axis=1))
-        tensors["tail_logp"] = tail.astype(np.float16)
+        tensors["tail_logp"] = np.logaddexp(np.asarray(tail_logp, dtype=np.float64), encoded.left_out).astype(np.float16)
         tail = tensors["tail_logp"].astype(np.float32)
-    return tensors, stored, tail
+    return tensors, encoded.stored, tail
 
 
 REQUIRED = ("input_ids", "offsets", "loss_mask", "topk_ids", "topk_values")

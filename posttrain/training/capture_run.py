@@ -129,7 +129,7 @@ def _teacher_targets(model, batch: list[list[int]], pad_id: int, k: int, config,
         for start in range(0, len(hidden), POSITION_CHUNK):
             ids, values, tails = sparse_targets(head(hidden[start:start + POSITION_CHUNK]), k, config.mode,
                                                 config.temperature, generator)
-            ids_parts.append(ids.cpu().numpy())
+            ids_parts.append(ids.to(torch.int32).cpu().numpy())  # half the memory of a shard's worth
             value_parts.append(values.cpu().numpy())
             tail_parts.append(tails.cpu().numpy())
     return np.concatenate(ids_parts), np.concatenate(value_parts), np.concatenate(tail_parts)
@@ -219,7 +219,8 @@ def run_capture(config, ctx: StageContext) -> dict[str, Any]:
         for start in range(0, last - first, config.batch_size):
             batch = sequences[start:start + config.batch_size]
             if config.backend == "vllm":
-                parts.append(teacher.targets(batch, meta["k"]))
+                ids, values, tails = teacher.targets(batch, meta["k"])
+                parts.append((ids.astype(np.int32), values, tails))
             else:
                 parts.append(_teacher_targets(model, batch, tokenizer.pad_token_id or 0, meta["k"], config, generator))
             bar.update(sum(len(seq) for seq in batch))
