@@ -170,14 +170,22 @@ def test_compact_shard_reads_lazily_and_damage_is_one_clear_error(tmp_path):
     np.testing.assert_allclose(row["target_tail"], expected_tail, rtol=2e-3)
     np.testing.assert_array_equal(row["target_tail"], stored_tail[20:])
     assert np.all(np.isfinite(stored).sum(1) <= 16)
-    # A flipped byte in the coded targets: one UserError naming the file and the sequence.
-    from safetensors.numpy import load_file, save_file
+    # Any flipped bit in the coded targets (rANS words or raw mantissa bits): one UserError naming the
+    # file and the sequence, when read and when a resumed capture checks the shard.
     from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
 
     with safe_open(str(path), framework="numpy") as handle:
         metadata = handle.metadata()
-    tensors = load_file(str(path))
-    tensors["targets"][int(tensors["target_bounds"][1]) + 12] ^= 0xFF
-    save_file(tensors, str(path), metadata=metadata)
-    with pytest.raises(UserError, match=r"shard\.safetensors, sequence 2"):
-        LazyShard(path).sequence(1)
+    clean = load_file(str(path))
+    rng = np.random.default_rng(0)
+    start, end = int(clean["target_bounds"][1]), int(clean["target_bounds"][2])
+    for offset in [end - 1, *rng.integers(start, end, 6)]:  # the last byte holds raw mantissa bits
+        tensors = {name: value.copy() for name, value in clean.items()}
+        tensors["targets"][offset] ^= 1 << int(rng.integers(0, 8))
+        save_file(tensors, str(path), metadata=metadata)
+        with pytest.raises(UserError, match=r"shard\.safetensors, sequence 2: .*damaged"):
+            LazyShard(path).sequence(1)
+        with pytest.raises(UserError, match=r"sequence 2"):
+            read_shard(path)
+        assert LazyShard(path).sequence(0)["input_ids"].tolist() == sequences[0]  # the others still read

@@ -225,13 +225,26 @@ def count_symbols(groups: list[GroupSymbols]) -> np.ndarray:
 
 
 def encode_group(group: GroupSymbols, tables: rans.Tables, streams: int, lane_stream: np.ndarray) -> list[bytes]:
-    """One coded block per stream: [uint32 word count][rANS words][raw bits]."""
+    """One coded block per stream: [uint32 CRC-32 of the rest][uint32 word count][rANS words][raw bits].
+    The checksum makes any damage an error (a flipped raw mantissa bit would otherwise be a silently
+    wrong id) and lets a resumed capture check a finished shard without decoding it."""
     words = rans.encode(group.symbols, group.contexts, tables, lane_stream, streams)
     blocks = []
     for stream in range(streams):
         raw = pack_fields(group.raw_values[stream], group.raw_lengths[stream])
-        blocks.append(np.uint32(len(words[stream])).tobytes() + words[stream].astype("<u2").tobytes() + raw.tobytes())
+        body = np.uint32(len(words[stream])).tobytes() + words[stream].astype("<u2").tobytes() + raw.tobytes()
+        blocks.append(np.uint32(zlib.crc32(body)).tobytes() + body)
     return blocks
+
+
+HEADER = 8  # bytes before a block's words: checksum and word count
+
+
+def check_block(block: np.ndarray) -> None:
+    """Raise CorruptStream unless the block is as it was written."""
+    block = np.asarray(block, dtype=np.uint8)
+    if len(block) < HEADER or int(block[:4].view("<u4")[0]) != zlib.crc32(block[4:].tobytes()):
+        raise rans.CorruptStream("checksum mismatch: the coded targets were damaged after they were written")
 
 
 def encode_tables(freq: np.ndarray) -> np.ndarray:
@@ -316,13 +329,12 @@ def decode(blocks: list[np.ndarray], lengths: np.ndarray, tables: rans.Tables, k
     words, raws, bounds = [], [], [0]
     for block in blocks:
         block = np.asarray(block, dtype=np.uint8)
-        if len(block) < 4:
-            raise rans.CorruptStream("a coded block is shorter than its header")
-        count = int(block[:4].view("<u4")[0])
-        if 4 + 2 * count > len(block):
+        check_block(block)
+        count = int(block[4:HEADER].view("<u4")[0])
+        if HEADER + 2 * count > len(block):
             raise rans.CorruptStream("a coded block is shorter than its word count")
-        words.append(block[4:4 + 2 * count].view("<u2"))
-        raws.append(block[4 + 2 * count:])
+        words.append(block[HEADER:HEADER + 2 * count].view("<u2"))
+        raws.append(block[HEADER + 2 * count:])
         bounds.append(bounds[-1] + count)
     decoder = rans.Decoder(np.concatenate(words) if words else np.zeros(0, np.uint16), np.asarray(bounds),
                            tables, layout.lane_stream)

@@ -236,13 +236,35 @@ class LazyShard:
         return rows
 
     def validate(self, positions: int = 16384) -> None:
-        """Read and check every sequence, about `positions` at a time (bounded memory)."""
+        """Check every sequence, about `positions` at a time (bounded memory). Compact shards are checked by
+        their blocks' checksums and tables (what was written was checked while it was coded), others by
+        reading every sequence."""
         first = 0
         while first < self.num_sequences:
             last = int(np.searchsorted(self.offsets, self.offsets[first] + positions, side="right")) - 1
             last = min(max(last, first + 1), self.num_sequences)
-            self.sequences(first, last)
+            if self.compact:
+                self._check_blocks(first, last)
+            else:
+                self.sequences(first, last)
             first = last
+        if self.compact:
+            self._tables()
+
+    def _check_blocks(self, first: int, last: int) -> None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="numpy") as handle:
+                blocks = handle.get_slice("targets")[int(self.bounds[first]):int(self.bounds[last])]
+        except Exception as exc:  # noqa: BLE001 - the file changed or broke since it was opened
+            raise UserError(f"{self.where} is unreadable (truncated or not safetensors): {exc}") from exc
+        cuts = self.bounds[first:last + 1] - self.bounds[first]
+        for index in range(last - first):
+            try:
+                compact.check_block(blocks[cuts[index]:cuts[index + 1]])
+            except CorruptStream as exc:
+                raise UserError(f"{self.where}, sequence {first + index + 1}: {exc}") from None
 
 
 def read_shard(path: Path, expect: dict[str, Any] | None = None) -> Shard | LazyShard:
@@ -306,7 +328,7 @@ def _check_compact_header(where: str, meta: dict, expect: dict, shapes: dict[str
     for name, shape in expected.items():
         if shapes[name] != shape:
             raise UserError(f"{where}: {name} has shape {shapes[name]}, expected {shape} for {total} positions")
-    if bounds[0] != 0 or np.any(np.diff(bounds) < 4) or bounds[-1] != shapes["targets"][0]:
+    if bounds[0] != 0 or np.any(np.diff(bounds) < compact.HEADER) or bounds[-1] != shapes["targets"][0]:
         raise UserError(f"{where}: target_bounds do not match the {shapes['targets'][0]} bytes of targets")
     if meta.get("mode") != "topk":
         raise UserError(f"{where}: the compact encoding stores top-k targets only")
@@ -317,9 +339,10 @@ def _check_rows(where: str, meta: dict, row: dict[str, np.ndarray], first_positi
     if np.any(row["input_ids"] < 0) or np.any(row["input_ids"] >= vocab):
         raise UserError(f"{where}: input_ids outside the vocabulary (size {vocab})")
     ids, values = row["target_ids"], row["target_values"]
-    if np.any(ids >= vocab):
-        bad = first_position + int(np.argwhere(ids >= vocab)[0][0])
-        raise UserError(f"{where}: position {bad} has a target id >= vocab size {vocab}")
+    outside = (ids >= vocab) | (ids < 0)
+    if np.any(outside):
+        bad = first_position + int(np.argwhere(outside)[0][0])
+        raise UserError(f"{where}: position {bad} has a target id outside the vocabulary (size {vocab})")
     if values.shape != ids.shape or values.shape[-1:] != (k,):
         raise UserError(f"{where}: topk_values has shape {values.shape}, expected {ids.shape}")
     broken = np.isnan(values) | (values == np.inf)  # -inf is a stored zero probability
