@@ -125,7 +125,7 @@ def storage_table(positions: int = 8192) -> None:
     print(f"   {'teacher':>8} {'k':>4} {'encoding':>19} {'entries':>7} {'bytes/token':>11} {'mean |err|':>10} "
           f"{'decode tok/s':>12} {'write MB':>8} {'read MB':>7}")
     rows = [("current", k, e, None) for k in (32, 64, 128) for e in ("fp16", "q12", "q10", "q8", "compact")]
-    rows += [("peaked", 64, e, None) for e in ("fp16", "q10", "compact")]
+    rows += [("peaked", 64, e, None) for e in ("fp16", "q12", "q10", "q8", "compact")]
     rows += [("peaked", 64, "compact", m) for m in (0.9999, 0.999, 0.99)]
     stand_ins = {}
     with tempfile.TemporaryDirectory() as tmp:
