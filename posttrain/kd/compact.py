@@ -32,6 +32,8 @@ MAX_CODE = (1 << 13) - 1  # "below the range": decodes to -inf (probability 0, c
 LANE_TOKENS = 8
 BUCKETS = 16
 ESCAPE = 255
+ESCAPE_BITS = 13  # an escaped distance's remainder above ESCAPE (codes have 13 bits)
+DECODE_CHUNK = 128  # positions turned from symbols into ids and values at a time (bounded scratch)
 MAX_K = 1 << 13
 
 # Context rows of the frequency tables (row 0 is rANS's null context).
@@ -139,31 +141,20 @@ class Layout:
         return len(self.lane_stream)
 
 
-def _entry_bucket(counts: np.ndarray) -> np.ndarray:
-    """Per flat entry, its sixteenth of the position's sorted entries."""
-    position = np.repeat(np.arange(len(counts)), counts)
-    j = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-    return (j * BUCKETS) // counts[position]
-
-
 def _count_grid(layout: Layout) -> tuple[np.ndarray, np.ndarray]:
     """(step, lane) of each position's two count symbols: lane-major positions, 2 steps each."""
     step = 2 * layout.slot_in_lane
     return step, layout.lane_of_position
 
 
-def _entry_grid(layout: Layout, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Steps of the second phase: per position 2 reference symbols then (gap, value) per entry, positions
-    one after another in their lane. Returns (first step of each position, step of each entry's gap,
-    lane of each entry, number of steps)."""
+def _position_steps(layout: Layout, counts: np.ndarray) -> tuple[np.ndarray, int]:
+    """Second phase: per position 2 reference symbols then (gap, value) per entry, positions one after
+    another in their lane. Returns each position's first step and the number of steps."""
     cost = 2 + 2 * counts
     ends = np.cumsum(cost)
     lane_first = np.searchsorted(layout.lane_of_position, np.arange(layout.lanes))  # positions are lane-ordered
     start = ends - cost - np.concatenate([[0], ends])[lane_first][layout.lane_of_position]
-    position = np.repeat(np.arange(len(counts)), counts)
-    j = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-    steps = int((start + cost).max()) if len(counts) else 0
-    return start, start[position] + 2 + 2 * j, layout.lane_of_position[position], steps
+    return start, int((start + cost).max()) if len(counts) else 0
 
 
 @dataclass
@@ -191,7 +182,9 @@ def symbolise(entries: Entries, lengths: np.ndarray) -> GroupSymbols:
     distance = np.repeat(reference, counts) - entries.codes
     value_symbol = np.minimum(distance, ESCAPE)
     escaped = distance >= ESCAPE
-    first_step, gap_step, entry_lane, entry_steps = _entry_grid(layout, counts)
+    first_step, entry_steps = _position_steps(layout, counts)
+    position, j = _entries_of(counts, 0, len(counts))
+    gap_step, entry_lane = first_step[position] + 2 + 2 * j, layout.lane_of_position[position]
     count_steps = 2 * lane_tokens
     symbols = np.zeros((count_steps + entry_steps, layout.lanes), dtype=np.uint8)
     contexts = np.zeros_like(symbols)
@@ -201,19 +194,17 @@ def symbolise(entries: Entries, lengths: np.ndarray) -> GroupSymbols:
     step = count_steps + first_step
     symbols[step, lane], contexts[step, lane] = reference >> 5, REF_HI
     symbols[step + 1, lane], contexts[step + 1, lane] = reference & 31, REF_LO
-    bucket = _entry_bucket(counts)
+    bucket = (j * BUCKETS) // counts[position]
     step = count_steps + gap_step
     symbols[step, entry_lane], contexts[step, entry_lane] = gap_symbol, GAP + bucket
     symbols[step + 1, entry_lane], contexts[step + 1, entry_lane] = value_symbol, VALUE + bucket
-    # Raw bits per stream: gap mantissas in (position, entry) order, then escaped distances.
+    # Raw bits per stream, entry by entry: the gap's low mantissa bits, then the escaped distance if any.
     stream_of_entry = np.repeat(layout.lane_stream[layout.lane_of_position], counts)
-    raw_values, raw_lengths = [], []
+    fields = np.stack([gap_raw, np.where(escaped, distance - ESCAPE, 0)], 1)
+    widths = np.stack([gap_length, np.where(escaped, ESCAPE_BITS, 0)], 1)
     bounds = np.searchsorted(stream_of_entry, np.arange(len(lengths) + 1))
-    for stream in range(len(lengths)):
-        part = slice(bounds[stream], bounds[stream + 1])
-        escapes = escaped[part]
-        raw_values.append(np.concatenate([gap_raw[part], distance[part][escapes] - ESCAPE]))
-        raw_lengths.append(np.concatenate([gap_length[part], np.full(int(escapes.sum()), 13)]))
+    raw_values = [fields[bounds[i]:bounds[i + 1]].ravel() for i in range(len(lengths))]
+    raw_lengths = [widths[bounds[i]:bounds[i + 1]].ravel() for i in range(len(lengths))]
     return GroupSymbols(symbols, contexts, raw_values, raw_lengths)
 
 
@@ -344,54 +335,71 @@ def decode(blocks: list[np.ndarray], lengths: np.ndarray, tables: rans.Tables, k
         # One count for every position (plain top-k): its symbols carry no bits and move no state.
         counts = np.full(len(lane), (int(only[0][0]) << 6 | int(only[1][0])) + 1, dtype=np.int64)
     else:
-        count_contexts = np.zeros((2 * LANE_TOKENS, layout.lanes), dtype=np.int64)
+        count_contexts = np.zeros((2 * LANE_TOKENS, layout.lanes), dtype=np.uint8)
         count_contexts[step, lane], count_contexts[step + 1, lane] = COUNT_HI, COUNT_LO
         grid = decoder.decode(count_contexts).ravel().astype(np.int64)
         flat = step * layout.lanes + lane
         counts = (grid[flat] << 6 | grid[flat + layout.lanes]) + 1
     if np.any(counts > k):
         raise rans.CorruptStream(f"a position stores more than k = {k} entries")
-    first_step, gap_step, entry_lane, entry_steps = _entry_grid(layout, counts)
-    contexts = np.zeros((entry_steps, layout.lanes), dtype=np.int64)
+    first_step, entry_steps = _position_steps(layout, counts)
+    contexts = np.zeros((entry_steps, layout.lanes), dtype=np.uint8)
     contexts[first_step, lane], contexts[first_step + 1, lane] = REF_HI, REF_LO
-    bucket = _entry_bucket(counts)
-    contexts[gap_step, entry_lane], contexts[gap_step + 1, entry_lane] = GAP + bucket, VALUE + bucket
-    grid = decoder.decode(contexts).ravel()
+    total = len(counts)
+    for first in range(0, total, DECODE_CHUNK):
+        position, j = _entries_of(counts, first, min(first + DECODE_CHUNK, total))
+        gap_step, entry_lane = first_step[position] + 2 + 2 * j, lane[position]
+        bucket = ((j * BUCKETS) // counts[position]).astype(np.uint8)
+        contexts[gap_step, entry_lane], contexts[gap_step + 1, entry_lane] = GAP + bucket, VALUE + bucket
+    grid = decoder.decode(contexts)
     decoder.finish()
-    flat = first_step * layout.lanes + lane
-    reference = grid[flat].astype(np.int64) << 5 | grid[flat + layout.lanes]
-    flat = gap_step * layout.lanes + entry_lane
-    gap_symbol, value_symbol = grid[flat].astype(np.int64), grid[flat + layout.lanes].astype(np.int64)
-    # Raw bits, stream by stream.
-    gap_raw = np.zeros(len(gap_symbol), dtype=np.int64)
-    distance = value_symbol.copy()
-    entry_stream = np.repeat(layout.lane_stream[layout.lane_of_position], counts)
-    entry_bounds = np.searchsorted(entry_stream, np.arange(len(lengths) + 1))
-    gap_length = _gap_raw_length(gap_symbol)
+    reference = grid[first_step, lane].astype(np.int64) << 5 | grid[first_step + 1, lane]
+    ids = np.empty((total, k), dtype=np.int64)
+    values = np.empty((total, k), dtype=np.float32)
+    position_bounds = np.concatenate([[0], np.cumsum(lengths)])
     for stream, raw in enumerate(raws):
-        part = slice(entry_bounds[stream], entry_bounds[stream + 1])
-        escapes = np.flatnonzero(value_symbol[part] == ESCAPE) + entry_bounds[stream]
-        lengths_here = np.concatenate([gap_length[part], np.full(len(escapes), 13)]) if len(escapes) else gap_length[part]
-        try:
-            fields = unpack_fields(raw, lengths_here)
-        except ValueError:
-            raise rans.CorruptStream("a coded block's raw bits are cut short") from None
-        gap_raw[part] = fields[: part.stop - part.start]
-        distance[escapes] = ESCAPE + fields[part.stop - part.start:]
-    gaps = _gaps_from(gap_symbol, gap_raw)
+        bit = 0  # raw fields are read in order, chunk after chunk
+        for first in range(int(position_bounds[stream]), int(position_bounds[stream + 1]), DECODE_CHUNK):
+            last = min(first + DECODE_CHUNK, int(position_bounds[stream + 1]))
+            position, j = _entries_of(counts, first, last)
+            gap_step, entry_lane = first_step[position] + 2 + 2 * j, lane[position]
+            gap_symbol = grid[gap_step, entry_lane].astype(np.int64)
+            value_symbol = grid[gap_step + 1, entry_lane].astype(np.int64)
+            widths = np.stack([_gap_raw_length(gap_symbol), np.where(value_symbol == ESCAPE, ESCAPE_BITS, 0)], 1)
+            try:
+                fields = unpack_fields(raw, widths.ravel(), first_bit=bit).reshape(-1, 2)
+            except ValueError:
+                raise rans.CorruptStream("a coded block's raw bits are cut short") from None
+            bit += int(widths.sum())
+            _place(ids, values, first, counts[first:last], reference[first:last], _gaps_from(gap_symbol, fields[:, 0]),
+                   value_symbol + fields[:, 1], k)
+        if -(-bit // 8) != len(raw):
+            raise rans.CorruptStream("a coded block's raw bits do not match its symbols")
+    return ids, values
+
+
+def _entries_of(counts: np.ndarray, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+    """(position, index within the position) of every entry of positions [first, last)."""
+    part = counts[first:last]
+    position = np.repeat(np.arange(first, last), part)
+    return position, np.arange(int(part.sum())) - np.repeat(np.cumsum(part) - part, part)
+
+
+def _place(ids: np.ndarray, values: np.ndarray, first: int, counts: np.ndarray, reference: np.ndarray,
+           gaps: np.ndarray, distance: np.ndarray, k: int) -> None:
+    """Write positions [first, first + len(counts)) from their entries' gaps and value distances."""
     starts = np.cumsum(counts) - counts
-    ids_flat = np.cumsum(gaps)
-    ids_flat -= np.repeat(ids_flat[starts] - gaps[starts], counts) + 1  # restart at each position
+    flat_ids = np.cumsum(gaps)
+    flat_ids -= np.repeat(flat_ids[starts] - gaps[starts], counts) + 1  # restart at each position
     codes = np.repeat(reference, counts) - distance
     if np.any(codes < 0):
         raise rans.CorruptStream("a stored value lies above its position's reference")
-    total = len(counts)
+    rows = slice(first, first + len(counts))
     if np.all(counts == k):
-        return ids_flat.reshape(total, k), dequantise(codes).reshape(total, k)
-    ids = np.repeat(ids_flat[starts][:, None], k, axis=1) if total else np.zeros((0, k), np.int64)
-    values = np.full((total, k), -np.inf, dtype=np.float32)
-    position = np.repeat(np.arange(total), counts)
-    j = np.arange(len(ids_flat)) - np.repeat(starts, counts)
-    ids[position, j] = ids_flat
-    values[position, j] = dequantise(codes)
-    return ids, values
+        ids[rows], values[rows] = flat_ids.reshape(-1, k), dequantise(codes).reshape(-1, k)
+        return
+    ids[rows] = flat_ids[starts][:, None]  # padding repeats the first id, at probability 0
+    values[rows] = -np.inf
+    position = np.repeat(np.arange(first, first + len(counts)), counts)
+    j = np.arange(len(flat_ids)) - np.repeat(starts, counts)
+    ids[position, j], values[position, j] = flat_ids, dequantise(codes)

@@ -133,7 +133,7 @@ class Decoder:
 
     def __init__(self, words: np.ndarray, stream_bounds: np.ndarray, tables: Tables, lane_stream: np.ndarray):
         self.bounds = np.asarray(stream_bounds, dtype=np.int64)
-        self.words = np.concatenate([np.asarray(words, dtype=np.int64), np.zeros(1, np.int64)])  # reads past the end
+        self.words = np.asarray(words, dtype=np.uint16)
         self.tables, self.lane_stream = tables, np.asarray(lane_stream, dtype=np.int64)
         streams = len(self.bounds) - 1
         self.lane_bounds = np.searchsorted(self.lane_stream, np.arange(streams + 1))
@@ -141,7 +141,7 @@ class Decoder:
         head = self.bounds[:-1][self.lane_stream] + 2 * rank_in_stream
         if len(head) and np.any(head + 1 >= self.bounds[1:][self.lane_stream]):
             raise CorruptStream("the coded targets end before every lane's state")
-        self.state = ((self.words[head] << WORD) | self.words[head + 1]).astype(np.int64)
+        self.state = (self.words[head].astype(np.int64) << WORD) | self.words[head + 1]
         self.read = self.bounds[:-1] + 2 * np.diff(self.lane_bounds)  # next word of each stream
 
     def decode(self, contexts: np.ndarray) -> np.ndarray:
@@ -152,16 +152,17 @@ class Decoder:
         symbol_of, freq_of, bias_of = self.tables.lookup
         mask = TOTAL - 1
         # Reads of a damaged stream may run past its end: pad so they stay in bounds (finish() notices).
-        words = np.concatenate([self.words, np.zeros(lanes + 1, np.int64)])
+        words = np.concatenate([self.words, np.zeros(lanes + 1, np.uint16)])
         lane_stream, read, state = self.lane_stream, self.read, self.state
         single = len(read) == 1
         first_lane, next_first = self.lane_bounds[:-1], self.lane_bounds[1:]
-        slots = contexts.astype(np.int64) << PROB_BITS  # becomes each step's (context, slot) index
-        low = np.empty(lanes, dtype=np.int64)
+        out = np.empty((steps, lanes), dtype=np.uint8)
+        slot, low = np.empty(lanes, dtype=np.int64), np.empty(lanes, dtype=np.int64)
         for step in range(steps):
-            slot = slots[step]
+            np.left_shift(contexts[step], PROB_BITS, out=slot, dtype=np.int64)  # (context, slot) index
             np.bitwise_and(state, mask, out=low)
             slot += low
+            np.take(symbol_of, slot, out=out[step])
             state >>= PROB_BITS
             state *= freq_of[slot]
             state += bias_of[slot]
@@ -179,7 +180,7 @@ class Decoder:
                 read += padded[next_first] - before
             state = np.where(need, (state << WORD) | words[index], state)
         self.state = state
-        return symbol_of[slots]
+        return out
 
     def finish(self) -> None:
         if np.any(self.state != LOWER) or np.any(self.read != self.bounds[1:]):
