@@ -41,12 +41,12 @@ COUNT_HI, COUNT_LO, REF_HI, REF_LO = 1, 2, 3, 4
 GAP = 5
 VALUE = GAP + BUCKETS
 CONTEXTS = VALUE + BUCKETS
-GROUP_TOKENS = 4096  # positions coded at once (~10 KB each while coding): bounded, whatever the shard size
+GROUP_TOKENS = 4096  # positions coded at once (~15 KB each while coding): bounded, whatever the shard size
 
 
 def parameters() -> dict[str, Any]:
     """What a reader needs to decode; stored in each shard's metadata."""
-    return {"step": STEP, "max_code": MAX_CODE, "lane_tokens": LANE_TOKENS, "buckets": BUCKETS}
+    return {"version": 1, "step": STEP, "max_code": MAX_CODE, "lane_tokens": LANE_TOKENS, "buckets": BUCKETS}
 
 
 def select_entries(logp: np.ndarray, mass: float | None) -> np.ndarray:
