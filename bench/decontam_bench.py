@@ -35,7 +35,7 @@ def scan(rows: int, items: int) -> dict:
     rng = random.Random(2)
     questions = [" ".join(rng.choice(vocab) for _ in range(rng.randint(5, 40))) for _ in range(items)]
     started = time.perf_counter()
-    index = Index.build((EvalItem("bench", str(i), "question", tuple(words(q))) for i, q in enumerate(questions)),
+    index = Index.build((EvalItem("bench", str(i), tuple(words(q))) for i, q in enumerate(questions)),
                         n=13, min_words=3)
     built = time.perf_counter() - started
 

@@ -198,7 +198,10 @@ def decontamination_lines(report: Report) -> list[str]:
     for name, entry in report.entries.items():
         summary = entry.manifest.get("metrics", {}).get("decontamination")
         if summary:
-            tasks = ", ".join(f"{t}: {n}" for t, n in sorted(summary["by_task"].items())) or "none found"
+            rules = summary.get("by_task_and_rule", {})
+            tasks = ", ".join(f"{t}: {n}" + (" [" + ", ".join(f"{r} {c}" for r, c in sorted(rules[t].items())) + "]"
+                                            if t in rules else "")
+                              for t, n in sorted(summary["by_task"].items())) or "none found"
             lines.append(f"{name}: {summary['contaminated']} of {summary['checked']} rows contained evaluation items "
                          f"({summary['policy']}; {tasks}); see removed.jsonl in the entry")
     return lines

@@ -15,6 +15,7 @@ from posttrain.strict import StrictModel
 
 QUESTION_FIELDS = ("question", "prompt", "query", "problem", "text", "input")
 ANSWER_FIELDS = ("answer", "target", "solution", "output")
+OPTION_FIELDS = ("choices", "options")
 
 
 class Decontamination(StrictModel):
@@ -23,9 +24,10 @@ class Decontamination(StrictModel):
     tasks: list[str] = Field(default_factory=list, description="lm-eval task (or group) names.")
     task_dirs: list[str] = Field(default_factory=list, description="Folders of local lm-eval task YAMLs.")
     files: list[str] = Field(default_factory=list,
-                             description=".jsonl/.json rows with question/answer fields, or .txt lines.")
+                             description=".jsonl/.json rows with question/answer/choices fields, or .txt lines.")
     n: int = Field(13, ge=1, le=16, description="Word n-gram length.")
-    min_words: int = Field(3, ge=1, description="Shorter pieces (answers like '5') are never matched alone.")
+    min_words: int = Field(3, ge=1, description="Content words a question needs to identify its item alone; "
+                           "shorter (or shared) ones match only with their options or gold answer.")
     policy: str = Field("drop", pattern="^(drop|flag)$", description="drop the row, or keep it and flag it.")
     fail_above: float | None = Field(None, ge=0, le=1, description="Fail when this share of rows is contaminated.")
     workers: int = Field(2, ge=1, description="Processes that check rows (sources of 20k rows or more).")
@@ -39,12 +41,20 @@ def _text(value: Any) -> str | None:
     return None
 
 
-def _pieces(task: str, item: str, question: str | None, answer: str | None) -> Iterator[EvalItem]:
-    for piece, text in (("question", question), ("answer", answer)):
-        if text:
-            tokens = tuple(words(text))
-            if tokens:
-                yield EvalItem(task, item, piece, tokens)
+def _options(value: Any) -> list[str]:
+    """Answer options as texts: a list, ARC's {"label": [...], "text": [...]}, or {label: text}."""
+    if isinstance(value, dict):
+        value = value.get("text", list(value.values()))
+    if not isinstance(value, list):
+        return []
+    return [text for text in map(_text, value) if text]
+
+
+def _item(task: str, item: str, question: str | None, answer: str | None, options: list[str]) -> Iterator[EvalItem]:
+    tokens = tuple(words(question)) if question else ()
+    if tokens:
+        yield EvalItem(task, item, tokens, tuple(words(answer)) if answer else (),
+                       tuple(t for t in (tuple(words(o)) for o in options) if t))
 
 
 def file_items(path: Path) -> Iterator[EvalItem]:
@@ -53,7 +63,7 @@ def file_items(path: Path) -> Iterator[EvalItem]:
         raise UserError(f"decontamination file not found: {path}")
     if path.suffix == ".txt":
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            yield from _pieces(label, f"line {number}", line, None)
+            yield from _item(label, f"line {number}", line, None, [])
         return
     if path.suffix == ".jsonl":
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -68,7 +78,8 @@ def file_items(path: Path) -> Iterator[EvalItem]:
         answer = next((_text(row[k]) for k in ANSWER_FIELDS if k in row), None)
         if question is None:
             raise UserError(f"{path}: row {number}: no question field ({', '.join(QUESTION_FIELDS)})")
-        yield from _pieces(label, str(row.get("id", f"row {number}")), question, answer)
+        options = next((_options(row[k]) for k in OPTION_FIELDS if k in row), [])
+        yield from _item(label, str(row.get("id", f"row {number}")), question, answer, options)
 
 
 def _flatten(tasks: dict) -> Iterator[tuple[str, Any]]:
@@ -80,7 +91,8 @@ def _flatten(tasks: dict) -> Iterator[tuple[str, Any]]:
 
 
 def task_items(names: list[str], task_dirs: list[Path]) -> Iterator[EvalItem]:
-    """Every test (else validation) document of the tasks: the prompt text and the gold answer."""
+    """Every test (else validation) document of the tasks: the prompt text, the gold answer and, for a
+    multiple-choice task, the options."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
     from posttrain.eval_tasks import copy_task_dirs
@@ -99,13 +111,21 @@ def task_items(names: list[str], task_dirs: list[Path]) -> Iterator[EvalItem]:
             for number, doc in enumerate(docs or []):
                 question = _text(task.doc_to_text(doc))
                 target = task.doc_to_target(doc)
-                if isinstance(target, int) and hasattr(task, "doc_to_choice"):
-                    try:
-                        target = task.doc_to_choice(doc)[target]
-                    except (IndexError, TypeError):
-                        target = None
+                options = _choices(task, doc)
+                if isinstance(target, int) and options:
+                    target = options[target] if 0 <= target < len(options) else None
                 label = f"doc {number}: {question[:60]}" if question else f"doc {number}"
-                yield from _pieces(name, label, question, _text(target))
+                yield from _item(name, label, question, _text(target), options)
+
+
+def _choices(task: Any, doc: dict) -> list[str]:
+    """A multiple-choice task's options for one document; none for other tasks."""
+    if getattr(task, "OUTPUT_TYPE", None) != "multiple_choice":
+        return []
+    try:
+        return _options(task.doc_to_choice(doc))
+    except Exception:  # noqa: BLE001 - a task's own choice template failing leaves the item without options
+        return []
 
 
 def reference_items(config: Decontamination, recipe_dir: Path) -> list[EvalItem]:

@@ -417,7 +417,7 @@ class Contamination:
             if match is not None:
                 found[0] += 1
                 self.found.append({**where, "source": source, "task": match.task, "item": match.item,
-                                   "matched": match.piece, "ngram": match.ngram, "action": self.config.policy})
+                                   "rule": match.rule, "ngram": match.ngram, "action": self.config.policy})
                 if self.config.policy == "drop":
                     continue
             yield where, row
@@ -425,8 +425,11 @@ class Contamination:
 
     def summary(self, checked: int) -> dict[str, Any]:
         by_task: dict[str, int] = {}
+        by_rule: dict[str, dict[str, int]] = {}  # benchmark -> rule -> rows
         for hit in self.found:
             by_task[hit["task"]] = by_task.get(hit["task"], 0) + 1
+            rules = by_rule.setdefault(hit["task"], {})
+            rules[hit["rule"]] = rules.get(hit["rule"], 0) + 1
         share = len(self.found) / checked if checked else 0.0
         if self.config.fail_above is not None and share > self.config.fail_above:
             tasks = ", ".join(f"{t} ({n})" for t, n in sorted(by_task.items(), key=lambda x: -x[1]))
@@ -434,13 +437,14 @@ class Contamination:
                             f"above fail_above {self.config.fail_above:.1%}: {tasks}")
         return {"decontamination": {"policy": self.config.policy, "n": self.config.n, "checked": checked,
                                     "contaminated": len(self.found), "by_task": by_task,
-                                    "evaluation_pieces": self.index.pieces},
+                                    "by_task_and_rule": by_rule, "evaluation_items": self.index.items,
+                                    "generic_questions": self.index.generic_questions},
                 "decontaminated_rows": len(self.found) if self.config.policy == "drop" else 0,
                 "_contaminated": self.found}
 
 
 def write_contamination_report(stats: dict[str, Any], out_dir: Path) -> None:
-    """removed.jsonl (one line per removed or flagged row: file, row, task, item, matched n-gram) into
+    """removed.jsonl (one line per removed or flagged row: file, row, task, item, rule, matched words) into
     the entry; the manifest keeps the counts."""
     found = stats.pop("_contaminated", None)
     if found:
