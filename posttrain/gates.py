@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from posttrain.errors import UserError
+from posttrain.objective import Part, combine, metric_of, part_values
 
 
 @dataclass
@@ -15,6 +16,17 @@ class GateResult:
 
 
 AGGREGATES = {"mean": lambda values: sum(values) / len(values), "min": min, "max": max}
+OBJECTIVE = "objective"
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a gate needs of a selection to read its dev objective: the parts, how they combine, and
+    the candidate it chose (None before it has)."""
+
+    parts: list[Part]
+    combine: str
+    chosen: str | None
 
 
 def _aggregate(path: str) -> tuple[str | None, str]:
@@ -25,25 +37,48 @@ def _aggregate(path: str) -> tuple[str | None, str]:
     return None, path
 
 
-def metric_value(path: str, entries: dict[str, Any]) -> float:
-    """`<stage>/<metric>` or `<eval stage>/<model>/<metric...>` -> a number; `mean(...)`, `min(...)` or
-    `max(...)` of an eval metric over a swept stage's candidates (`mean(eval/sft/heldout/loss)`)."""
+def _listed(path: str) -> tuple[str, list[str], str] | None:
+    """`eval/{a,b}/heldout/loss` -> ("eval/", ["a", "b"], "/heldout/loss"); None without braces."""
+    start, end = path.find("{"), path.find("}")
+    if start < 0 or end < start:
+        return None
+    return path[:start], [m.strip() for m in path[start + 1:end].split(",") if m.strip()], path[end + 1:]
+
+
+def metric_value(path: str, entries: dict[str, Any], objectives: dict[str, Objective] | None = None) -> float:
+    """A gate's number:
+    - `<stage>/<metric>`, or `<eval stage>/<model>/<metric...>`;
+    - `<select step>/objective`: the dev objective of the candidate it chose, and
+      `<select step>/objective/<model>`: the same objective for any model its evals evaluated;
+    - `mean(...)`, `min(...)` or `max(...)` over a swept stage's candidates (`mean(eval/sft/heldout/loss)`)
+      or over models listed in braces (`max(eval/{sft.best,dpo.best}/preference/accuracy)`)."""
     aggregate, path = _aggregate(path)
+    listed = _listed(path)
+    if aggregate and listed:
+        head, models, tail = listed
+        return AGGREGATES[aggregate]([metric_value(f"{head}{model}{tail}", entries, objectives) for model in models])
+    if listed:
+        raise UserError(f"gate metric {path!r}: a list of models needs mean(...), min(...) or max(...) around it")
+    stage, _, rest = path.partition("/")
     if aggregate:
-        stage, _, rest = path.partition("/")
         swept, _, name = rest.partition("/")
         results = entries[stage].manifest.get("metrics", {}).get("results", {}) if stage in entries else {}
         candidates = [model for model in results if model.startswith(swept + "[")]
         if not candidates:
             raise UserError(f"gate metric {aggregate}({path}): {stage!r} evaluated no candidates of {swept!r}")
-        return AGGREGATES[aggregate]([metric_value(f"{stage}/{model}/{name}", entries) for model in candidates])
-    stage, _, rest = path.partition("/")
+        return AGGREGATES[aggregate]([metric_value(f"{stage}/{model}/{name}", entries, objectives)
+                                      for model in candidates])
+    if objectives and stage in objectives and rest.split("/", 1)[0] == OBJECTIVE:
+        return _objective_value(path, objectives[stage], rest.partition("/")[2], entries)
     if stage not in entries:
         raise UserError(f"gate metric {path!r}: no stage {stage!r} in this run")
     metrics = entries[stage].manifest.get("metrics", {})
     if entries[stage].kind == "eval":
         model, _, name = rest.partition("/")
-        value = metrics.get("results", {}).get(model, {}).get(name)
+        results = metrics.get("results", {})
+        if model not in results and objectives and objectives.get(model) and objectives[model].chosen:
+            model = objectives[model].chosen  # a selection, in an eval that evaluated its candidates
+        value = results.get(model, {}).get(name)
         value = value.get("value") if isinstance(value, dict) else None
     else:
         value = metrics.get(rest)
@@ -57,12 +92,29 @@ def metric_value(path: str, entries: dict[str, Any]) -> float:
     return float(value)
 
 
-def check_gates(gates, entries: dict[str, Any]) -> list[GateResult]:
+def _objective_value(path: str, objective: Objective, model: str, entries: dict[str, Any]) -> float:
+    model = model or objective.chosen or ""
+    if not model:
+        raise UserError(f"gate metric {path!r}: the selection has chosen nothing yet")
+    if objective.combine == "rank":
+        raise UserError(f"gate metric {path!r}: a rank objective has no value outside its ranking; "
+                        "use `combine: score` to compare it with other models")
+    results = {p.eval: entries[p.eval].manifest.get("metrics", {}).get("results", {})
+               for p in objective.parts if p.eval in entries}
+    value = combine(objective.parts, objective.combine, part_values(objective.parts, results, [model]))[model]  # type: ignore[arg-type]
+    if value is None:
+        missing = [p.path for p in objective.parts if metric_of(results.get(p.eval, {}), model, p.metric) is None]
+        raise UserError(f"gate metric {path!r}: no {', '.join(missing)} for {model!r} "
+                        f"(add {model!r} to the models of {', '.join(sorted({m.split('/')[0] for m in missing}))})")
+    return value
+
+
+def check_gates(gates, entries: dict[str, Any], objectives: dict[str, Objective] | None = None) -> list[GateResult]:
     results = []
     for gate in gates:
-        value = metric_value(gate.metric, entries)
+        value = metric_value(gate.metric, entries, objectives)
         bound = gate.below if gate.below is not None else gate.above
-        limit = float(bound) if isinstance(bound, (int, float)) else metric_value(str(bound), entries)
+        limit = float(bound) if isinstance(bound, (int, float)) else metric_value(str(bound), entries, objectives)
         if gate.below is not None:
             passed, relation, target = value < limit - gate.margin, "<", limit - gate.margin
         else:
@@ -73,8 +125,11 @@ def check_gates(gates, entries: dict[str, Any]) -> list[GateResult]:
 
 def gate_stages(gate) -> list[str]:
     """Stage names a gate reads, for validation."""
-    names = [_aggregate(gate.metric)[1].split("/", 1)[0]]
-    for bound in (gate.below, gate.above):
-        if isinstance(bound, str):
-            names.append(_aggregate(bound)[1].split("/", 1)[0])
+    names = []
+    for path in (gate.metric, gate.below, gate.above):
+        if not isinstance(path, str):
+            continue
+        path = _aggregate(path)[1]
+        listed = _listed(path)
+        names.append((listed[0] if listed else path).split("/", 1)[0])
     return names

@@ -210,14 +210,70 @@ def decontamination_lines(report: Report) -> list[str]:
 def candidates(report: Report) -> dict[str, list[dict[str, Any]]]:
     """Swept stage -> its candidates, in sweep order: name, settings, every eval metric, selections."""
     found: dict[str, list[dict[str, Any]]] = {}
+    objectives = combined_objectives(report)
     for name, entry in report.entries.items():
         info = entry.manifest.get("candidate")
         if not info:
             continue
+        scores = {f"{step} {record['combine']}": record["scores"][name] for step, record in objectives.items()
+                  if record["of"] == info["of"] and isinstance(record["scores"].get(name), (int, float))}
         found.setdefault(info["of"], []).append({
-            "name": name, "settings": info["overrides"],
-            "metrics": {metric: by_model[name]["value"] for metric, by_model in report.rows.items() if name in by_model},
+            "name": name, "settings": info["overrides"], "config": entry.manifest.get("config") or {},
+            "metrics": {**{metric: by_model[name]["value"] for metric, by_model in report.rows.items()
+                           if name in by_model}, **scores},
             "chosen_as": sorted(step for step, candidate in report.chosen.items() if candidate == name)})
+    for listed in found.values():
+        # Every setting any candidate sweeps, for each candidate as its stage ran it (a variant that
+        # leaves `method` alone shows the stage's own method, not a blank).
+        keys = list(dict.fromkeys(k for c in listed for k in c["settings"]))
+        for c in listed:
+            config = c.pop("config")
+            c["settings"] = {k: setting_text(_dotted(config, k, c["settings"].get(k, "-"))) for k in keys}
+    return found
+
+
+_MISSING = object()
+
+
+def _dotted(config: dict[str, Any], key: str, fallback: Any) -> Any:
+    """A candidate's setting as its stage ran it (selections resolved to the steps they became), or the
+    sweep's own value for a key the config does not keep (a merge's `weights` shorthand)."""
+    node: Any = config
+    for part in key.split("."):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return fallback
+    return node
+
+
+def setting_text(value: Any) -> Any:
+    """A swept setting as a table cell: numbers stay numbers (plots need them); models by name, with
+    their own parameters; mappings as k=v."""
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    if isinstance(value, dict) and "model" in value:
+        params = value.get("parameters") or {}
+        return str(setting_text(value["model"])) + (f" ({setting_text(params)})" if params else "")
+    if isinstance(value, dict) and ("best_of" in value or "top_k" in value):
+        return f"{value['best_of']}.best" if value.get("best_of") else f"top {value['top_k']} of {value.get('of')}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={setting_text(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return "[" + ", ".join(str(setting_text(v)) for v in value) + "]"
+    return str(value)
+
+
+def combined_objectives(report: Report) -> dict[str, dict[str, Any]]:
+    """select step -> its record, for selections on a dev objective of several metrics (the record the
+    stages that took the choice keep in their manifests: parts, scores, combine)."""
+    found = {}
+    for entry in report.entries.values():
+        for record in (entry.manifest.get("selections") or {}).values():
+            if isinstance(record, dict) and record.get("combine") and record.get("step"):
+                found[record["step"]] = record
     return found
 
 

@@ -17,7 +17,7 @@ from posttrain import signals
 from posttrain.errors import UserError
 from posttrain.console import progress_reporter, streams_to
 from posttrain.fingerprint import FingerprintCache
-from posttrain.gates import GateResult, check_gates
+from posttrain.gates import GateResult, Objective, check_gates
 from posttrain.hf_folder import missing_parts
 from posttrain.keys import StageKey, compute_keys, explain_change
 from posttrain.model_card import write_model_card
@@ -81,24 +81,36 @@ class Chooser:
 
         item = self.loaded.stages[name]
         config = item.config
-        evaluated = self.registry.get(keys[config.eval].key) if config.eval in keys else None
-        if evaluated is None:
+        evaluated = {e: self.registry.get(keys[e].key) if e in keys else None for e in config.evals}
+        if any(entry is None for entry in evaluated.values()):
             return None
-        scores = item.stage.scores(config, evaluated.manifest.get("metrics", {}))
+        results = {e: entry.manifest.get("metrics", {}).get("results", {}) for e, entry in evaluated.items()}
+        parts = item.stage.part_values(config, results)
+        scores = item.stage.scores(config, results)
         ranked = rank_candidates(scores, config.mode)
         chosen = ranked[config.rank - 1]
         if scores[chosen] is None:
-            raise UserError(f"{name}: eval stage {config.eval!r} recorded no {config.metric!r} for {chosen!r} "
-                            f"(it recorded: {', '.join(sorted(evaluated.manifest['metrics'].get('results', {}).get(chosen, {}))) or 'nothing'})")
-        self.chosen[name] = {"of": config.of, "chosen": chosen, "score": scores[chosen], "rank": config.rank,
-                             "by": f"{config.eval}/{config.metric}", "mode": config.mode, "scores": scores,
-                             "key": keys[chosen].key}
+            missing = next(p for p in config.objective_parts if parts[chosen][p.path] is None)
+            recorded = ", ".join(sorted(results[missing.eval].get(chosen, {}))) or "nothing"
+            raise UserError(f"{name}: eval stage {missing.eval!r} recorded no {missing.metric!r} for {chosen!r} "
+                            f"(it recorded: {recorded})")
+        self.chosen[name] = {"step": name, "of": config.of, "chosen": chosen, "score": scores[chosen], "rank": config.rank,
+                             "by": config.by, "mode": config.mode, "scores": scores,
+                             "key": keys[chosen].key,
+                             **({"combine": config.combine, "parts": parts} if config.combine != "metric" else {})}
         return chosen
 
     def describe(self, name: str) -> str:
         found = self.chosen[name]
         return (f"{found['chosen']}  ({found['by']} {found['score']:.4g}, place {found['rank']} of "
                 f"{len(found['scores'])}, {found['mode']})")
+
+
+def objectives(loaded: LoadedRecipe, selections: dict[str, dict[str, Any]]) -> dict[str, Objective]:
+    """Each select step's dev objective, for gates that read `<step>/objective[/<model>]`."""
+    return {name: Objective(item.config.objective_parts, item.config.combine,
+                            selections.get(name, {}).get("chosen"))
+            for name, item in loaded.stages.items() if item.kind == "select"}
 
 
 def rank_info() -> tuple[int, int]:
@@ -125,12 +137,14 @@ def plan(loaded: LoadedRecipe, registry: Registry) -> list[PlanItem]:
             waits = next(n for n in loaded.order if loaded.stages[n].kind == "select" and n not in keys
                          and _depends_on(loaded, name, n))
             select = loaded.stages[waits].config
+            evals = " and ".join(select.evals)
             if kind == "select":
                 select = loaded.stages[name].config
+                evals = " and ".join(select.evals)
                 reason = (f"place {select.rank} of {len(select.candidates)} {select.of} candidates by "
-                          f"{select.eval}/{select.metric} ({select.mode}), once {select.eval} has run")
+                          f"{select.by} ({select.mode}), once {evals} {'have' if len(select.evals) > 1 else 'has'} run")
             else:
-                reason = f"after {waits}, chosen once {select.eval} has run"
+                reason = f"after {waits}, chosen once {evals} {'have' if len(select.evals) > 1 else 'has'} run"
             items.append(PlanItem(name, kind, "-", "select" if kind == "select" else "after", reason))
             continue
         key = keys[name]
@@ -224,7 +238,7 @@ def run(
             reg.set_ref(f"{loaded.ref_namespace}/{name}", key)
         result.entries[name] = entry
     if loaded.recipe.gates:
-        result.gates = check_gates(loaded.recipe.gates, result.entries)
+        result.gates = check_gates(loaded.recipe.gates, result.entries, objectives(loaded, result.selections))
     return result
 
 

@@ -45,6 +45,20 @@ def preference_rows(seed: int, count: int) -> list[dict]:
     return rows
 
 
+def comparison_preference_rows(seed: int, count: int) -> list[dict]:
+    """A skill the chat data never asks for: which of two numbers is larger (chosen: the larger,
+    rejected: the smaller, both as terse as the chat answers). DPO on it teaches something new without
+    fighting the chat data's answer format, so a merge can keep both (the flagship's tiny merge search)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.sample(range(0, 40), 2)
+        rows.append({"prompt": [{"role": "user", "content": f"Which is larger, {a} or {b}?"}],
+                     "chosen": [{"role": "assistant", "content": f"{max(a, b)}"}],
+                     "rejected": [{"role": "assistant", "content": f"{min(a, b)}"}]})
+    return rows
+
+
 def arcee_layout_logits(rows: list[dict], k: int = 8) -> list[dict]:
     """Top-k raw logits of the tiny model in the arcee-ai/LLama-405B-Logits layout (input_ids,
     attention_mask, token_ids, top_values), so the flagship recipe's tiny profile runs its distill
@@ -88,6 +102,8 @@ def main() -> None:
     write_jsonl(DATA / "distill" / "tiny_teacher_logits.jsonl", arcee_layout_logits(chat_rows(1, 48)))
     for name, seed, count in (("tiny_prefs_train", 3, 128), ("tiny_prefs_heldout", 4, 32), ("tiny_prefs_dev", 6, 32)):
         write_jsonl(DATA / "dpo" / f"{name}.jsonl", preference_rows(seed, count))
+    for split, seed, count in (("train", 7, 256), ("heldout", 8, 128), ("dev", 9, 128)):
+        write_jsonl(DATA / "dpo" / f"tiny_compare_{split}.jsonl", comparison_preference_rows(seed, count))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ FLOORS = [
     ("blocks", ["posttrain.data", "posttrain.kd", "posttrain.registry", "posttrain.chat_templates",
                 "posttrain.checkpoint_folder", "posttrain.code_fingerprint", "posttrain.console", "posttrain.eval_tasks",
                 "posttrain.fingerprint", "posttrain.gates", "posttrain.hf_folder", "posttrain.model_card",
+                "posttrain.objective",
                 "posttrain.tokenizer_setup", "posttrain.training_fields"]),
     ("stage bodies", ["posttrain.training"]),
     ("stage declarations", ["posttrain.stages"]),

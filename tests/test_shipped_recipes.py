@@ -24,7 +24,7 @@ def test_flagship_plan_works_offline_with_memory_estimates(registry_dir):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for stage in ("base", "sft[learning_rate=1e-05,seed=1]", "sft.best", "dpo[beta=0.1,learning_rate=1e-06]",
-                  "dpo.best", "distill", "merged", "eval"):
+                  "dpo.best", "distill", "merged[ties_even]", "merge_dev", "merged.best", "eval"):
         assert any(line.strip().startswith(stage + " ") for line in out.splitlines()), stage
     assert "memory estimates (8 processes" in out
     assert "10.2B params, sharded over 8" in out

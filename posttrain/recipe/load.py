@@ -113,7 +113,9 @@ def load_recipe_text(text: str, path: Path, profile: str | None = None, override
 
     def report(loc: tuple, message: str, anchor: tuple | None = None) -> None:
         _, file, line = origins.locate(anchor if anchor is not None else loc)
-        problems.append(Problem(file, line, ".".join(str(p) for p in loc), message))
+        problem = Problem(file, line, ".".join(str(p) for p in loc), message)
+        if problem not in problems:  # each candidate of a sweep checks the stage's shared settings again
+            problems.append(problem)
 
     recipe = None
     try:
@@ -208,6 +210,8 @@ def _validate_stages(data: dict, recipe_dir: Path, report, origins: _Origins, de
             candidate = body
             for dotted, value in overrides.items():
                 candidate = apply_override(candidate, dotted, value)
+            if overrides:  # again, for selections a candidate's own values bring (a variant's models)
+                candidate = rewrite_references(name, kind, candidate, swept, selections, report)
             config = _validated(stage, kind, deep_merge(kind_defaults, candidate), loc, places, origins, report)
             if config is None:
                 continue

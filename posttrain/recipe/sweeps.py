@@ -8,6 +8,10 @@
       variants: [{training.learning_rate: 5.0e-6, seed: 3}]             # and/or explicit ones
       max_candidates: 16                                                # refused above this
 
+`variants` may also be a mapping, each candidate named by its key (`merged[ties_dpo_heavy]`): the
+way to search settings that do not form a grid, such as merge methods with their own parameters.
+A variant's values may hold selections (`{best_of: ...}`), like the stage's own.
+
 Where a stage takes a model it may take a selection of a swept stage's candidates, ranked by a
 metric of an eval stage that evaluates them: `{best_of: sft, by: eval/heldout/loss, mode: min}`, or
 in a list of models (a merge) `{top_k: 3, of: dpo, by: eval/preference/accuracy, mode: max}`. Each
@@ -23,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from posttrain.objective import Part
 from posttrain.strict import StrictModel
 
 DEFAULT_MAX_CANDIDATES = 16
@@ -30,12 +35,15 @@ DEFAULT_MAX_CANDIDATES = 16
 
 class SweepSpec(StrictModel):
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted key -> values; every combination.")
-    variants: list[dict[str, Any]] = Field(default_factory=list, description="Explicit override mappings.")
+    variants: list[dict[str, Any]] | dict[str, dict[str, Any] | None] = Field(
+        default_factory=list, description="Explicit override mappings; as a mapping, each one named by its key "
+                                          "(null drops it, e.g. in a profile).")
     max_candidates: int = Field(DEFAULT_MAX_CANDIDATES, gt=0, description="Refuse a larger expansion.")
 
     @model_validator(mode="after")
     def _something(self) -> "SweepSpec":
-        if not self.grid and not self.variants:
+        named = self.variants.values() if isinstance(self.variants, dict) else self.variants
+        if not self.grid and not [variant for variant in named if variant is not None]:
             raise ValueError("a sweep needs `grid` and/or `variants`")
         for key, values in self.grid.items():
             if not values:
@@ -43,14 +51,33 @@ class SweepSpec(StrictModel):
         return self
 
 
+class ObjectivePart(StrictModel):
+    """One metric of a combined dev objective."""
+
+    metric: str = Field(description="<eval stage>/<metric>, e.g. merge_dev/preference/accuracy")
+    mode: Literal["min", "max"]
+    weight: float = Field(1.0, gt=0, description="Its share of the objective.")
+
+    @model_validator(mode="after")
+    def _path(self) -> "ObjectivePart":
+        if "/" not in self.metric:
+            raise ValueError("`metric` must be <eval stage>/<metric>, e.g. eval/heldout/loss")
+        return self
+
+
 class Selection(StrictModel):
-    """`best_of` (one model) or `top_k` of (a list of models): candidates ranked by an eval metric."""
+    """`best_of` (one model) or `top_k` of (a list of models): candidates ranked by an eval metric, or
+    by a dev objective that combines several (`by:` a list of {metric, mode, weight}; `combine: score`
+    or `rank`, see posttrain.objective)."""
 
     best_of: str | None = None
     top_k: int | None = Field(None, gt=0)
     of: str | None = None
-    by: str = Field(description="<eval stage>/<metric>, e.g. eval/heldout/loss")
-    mode: Literal["min", "max"]
+    by: str | list[ObjectivePart] = Field(description="<eval stage>/<metric>, e.g. eval/heldout/loss, or a list "
+                                                     "of {metric, mode, weight} combined into one objective")
+    mode: Literal["min", "max"] | None = Field(None, description="With one metric: which way is better.")
+    combine: Literal["score", "rank"] | None = Field(None, description="With several metrics: weighted score "
+                                                                       "(default) or weighted mean rank.")
 
     @model_validator(mode="after")
     def _one_form(self) -> "Selection":
@@ -60,9 +87,33 @@ class Selection(StrictModel):
             raise ValueError("`top_k` needs `of: <swept stage>`")
         if self.best_of is not None and self.of:
             raise ValueError("`best_of` names the stage itself; leave out `of`")
-        if "/" not in self.by:
-            raise ValueError("`by` must be <eval stage>/<metric>, e.g. eval/heldout/loss")
+        if isinstance(self.by, str):
+            if "/" not in self.by:
+                raise ValueError("`by` must be <eval stage>/<metric>, e.g. eval/heldout/loss")
+            if self.mode is None:
+                raise ValueError("`mode: min` or `mode: max` says which way `by` is better")
+            if self.combine is not None:
+                raise ValueError("`combine` joins several metrics: give `by` as a list of {metric, mode, weight}")
+        else:
+            if not self.by:
+                raise ValueError("`by` lists no metric")
+            if self.mode is not None:
+                raise ValueError("with several metrics each part has its own `mode`; leave out the selection's")
+            paths = [part.metric for part in self.by]
+            if len(set(paths)) < len(paths):
+                raise ValueError("`by` names one metric twice")
         return self
+
+    @property
+    def parts(self) -> list[Part]:
+        if isinstance(self.by, str):
+            stage, _, metric = self.by.partition("/")
+            return [Part(stage, metric, self.mode or "min")]
+        return [Part(p.metric.partition("/")[0], p.metric.partition("/")[2], p.mode, p.weight) for p in self.by]
+
+    @property
+    def how(self) -> str:
+        return "metric" if isinstance(self.by, str) else (self.combine or "score")
 
     @property
     def stage(self) -> str:
@@ -98,13 +149,16 @@ def expand(spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
     A label names each swept key by its last part (the whole key where two last parts clash)."""
     keys = list(spec.grid)
     overrides = [dict(zip(keys, combo)) for combo in itertools.product(*spec.grid.values())] if keys else []
-    overrides += [dict(variant) for variant in spec.variants]
+    named = spec.variants if isinstance(spec.variants, dict) else {}
+    overrides += [dict(variant) for variant in spec.variants] if isinstance(spec.variants, list) else []
     every_key = list(dict.fromkeys(k for o in overrides for k in o))
     short = {k: k.rsplit(".", 1)[-1] for k in every_key}
     clashing = {s for s in short.values() if list(short.values()).count(s) > 1}
     names = {k: (k if short[k] in clashing else short[k]) for k in every_key}
-    return [(",".join(f"{names[k]}={format_value(v)}" for k, v in override.items()), override)
-            for override in overrides]
+    labelled = [(",".join(f"{names[k]}={format_value(v)}" for k, v in override.items()), override)
+                for override in overrides]
+    # A named variant set to null is dropped: how a profile runs fewer of a recipe's candidates.
+    return labelled + [(format_value(name), dict(variant)) for name, variant in named.items() if variant is not None]
 
 
 def apply_override(body: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
@@ -169,10 +223,16 @@ def sweep_candidates(raw_stages: dict[str, Any], report: Report) -> dict[str, li
         for label in {lab for lab in labels if labels.count(lab) > 1}:
             report(loc, f"two candidates are the same ({label})")
         where = {key: loc + ("grid", key) for key in spec.grid}
+        variants = list(spec.variants.items() if isinstance(spec.variants, dict) else enumerate(spec.variants))
+        by_label = {format_value(n): n for n, v in spec.variants.items() if v is not None} \
+            if isinstance(spec.variants, dict) else {}
         listed = []
         for label, override in candidates:
-            places = {key: where.get(key) or next(loc + ("variants", i, key) for i, variant in enumerate(spec.variants)
-                                                  if key in variant) for key in override}
+            if label in by_label:
+                places = {key: loc + ("variants", by_label[label], key) for key in override}
+            else:
+                places = {key: where.get(key) or next(loc + ("variants", i, key) for i, variant in variants
+                                                      if key in variant) for key in override}
             listed.append((candidate_name(name, label), label, override, places))
         found[name] = listed
     return found
@@ -249,29 +309,35 @@ def eval_metrics(body: dict[str, Any]) -> tuple[set[str], list[str]]:
 
 def select_configs(selections: dict[str, tuple[Selection, int, tuple]], raw_stages: dict[str, Any],
                    swept: dict[str, list], report: Report) -> dict[str, dict[str, Any]]:
-    """`select` step name -> its config, after checking that the eval it reads exists, evaluates the
+    """`select` step name -> its config, after checking that each eval it reads exists, evaluates the
     swept stage's candidates and records the metric."""
     configs = {}
     for node, (selection, rank, loc) in selections.items():
-        eval_name, _, metric = selection.by.partition("/")
-        body = raw_stages.get(eval_name)
-        if not isinstance(body, dict) or body.get("kind") != "eval":
-            report(loc + ("by",), f"{eval_name!r} is not an eval stage of this recipe")
-            continue
-        models = body.get("models") if isinstance(body.get("models"), list) else []
-        if selection.stage not in models:
-            report(loc + ("by",), f"eval stage {eval_name!r} does not evaluate {selection.stage!r} "
-                                  f"(add it to its models)")
-            continue
-        known, tasks = eval_metrics(body)
-        if metric not in known and not any(metric.startswith(task + "/") for task in tasks):
-            measured = ", ".join(sorted(known) + [f"{t}/..." for t in tasks]) or "nothing"
-            report(loc + ("by",), f"eval stage {eval_name!r} does not measure {metric!r} (it measures: {measured})")
-            continue
+        good = True
+        for i, part in enumerate(selection.parts):
+            where = loc + (("by",) if isinstance(selection.by, str) else ("by", i, "metric"))
+            body = raw_stages.get(part.eval)
+            if not isinstance(body, dict) or body.get("kind") != "eval":
+                report(where, f"{part.eval!r} is not an eval stage of this recipe")
+                good = False
+                continue
+            models = body.get("models") if isinstance(body.get("models"), list) else []
+            if selection.stage not in models:
+                report(where, f"eval stage {part.eval!r} does not evaluate {selection.stage!r} (add it to its models)")
+                good = False
+                continue
+            known, tasks = eval_metrics(body)
+            if part.metric not in known and not any(part.metric.startswith(task + "/") for task in tasks):
+                measured = ", ".join(sorted(known) + [f"{t}/..." for t in tasks]) or "nothing"
+                report(where, f"eval stage {part.eval!r} does not measure {part.metric!r} (it measures: {measured})")
+                good = False
         candidates = [candidate for candidate, *_ in swept[selection.stage]]
         if rank > len(candidates):
             report(loc, f"top_k {selection.count} is more than the {len(candidates)} candidates of {selection.stage!r}")
             continue
-        configs[node] = {"kind": "select", "of": selection.stage, "candidates": candidates, "eval": eval_name,
-                         "metric": metric, "mode": selection.mode, "rank": rank}
+        if good:
+            configs[node] = {"kind": "select", "of": selection.stage, "candidates": candidates,
+                             "parts": [{"eval": p.eval, "metric": p.metric, "mode": p.mode, "weight": p.weight}
+                                       for p in selection.parts],
+                             "combine": selection.how, "rank": rank}
     return configs

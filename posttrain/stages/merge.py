@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from posttrain.strict import StrictModel
 from posttrain.stages.base import Stage, StageConfig, StageContext
@@ -31,6 +31,30 @@ class MergeConfig(StageConfig):
     out_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     tokenizer_source: Literal["base", "union"] = "base"
     options: dict[str, Any] = Field(default_factory=dict, description="mergekit MergeOptions fields.")
+    # Excluded from the dump (so from the key): once folded in, it is the models' own `weight`.
+    weights: list[float] | None = Field(None, exclude=True, description="Each model's `weight`, in the order of "
+                                        "`models`: a shorthand for writing it under each model (handy in sweeps).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_weights(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("weights") is None:
+            return data
+        weights, models = data["weights"], data.get("models")
+        if not isinstance(weights, list) or not isinstance(models, list):
+            return data  # the field types report it
+        if len(weights) != len(models):
+            raise ValueError(f"`weights` has {len(weights)} values for {len(models)} models")
+        folded = []
+        for i, (item, weight) in enumerate(zip(models, weights)):
+            item = {"model": item} if isinstance(item, str) else item
+            if isinstance(item, dict):
+                parameters = dict(item.get("parameters") or {})
+                if "weight" in parameters:
+                    raise ValueError(f"model {i} has a weight under its parameters and in `weights`: give one")
+                item = {**item, "parameters": {**parameters, "weight": weight}}
+            folded.append(item)
+        return {**data, "models": folded}
 
 
 class MergeStage(Stage):

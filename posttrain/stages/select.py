@@ -1,7 +1,8 @@
-"""`kind: select`: the candidate of a swept stage in one place of a ranking by an eval metric.
+"""`kind: select`: the candidate of a swept stage in one place of a ranking by an eval metric, or by a
+dev objective that combines several (`posttrain.objective`).
 
 Recipes do not write this kind: the loader adds one for every `{best_of: ...}` / `{top_k: ...}` a
-stage takes as a model. It builds no entry: once the eval it reads has run, the runner hands the
+stage takes as a model. It builds no entry: once the evals it reads have run, the runner hands the
 chosen candidate's entry on, and the stages that take it are keyed by that entry alone (so a new
 candidate that does not win changes nothing downstream). The choice, with every candidate's score,
 is recorded in the manifest of each stage that takes it.
@@ -12,17 +13,42 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from posttrain.objective import Part, combine, describe, objective_mode, part_values
 from posttrain.stages.base import Stage, StageConfig, StageContext
+from posttrain.strict import StrictModel
+
+
+class SelectPart(StrictModel):
+    eval: str = Field(description="The eval stage whose results give this part.")
+    metric: str = Field(description="The metric, as the eval stage records it (e.g. heldout/loss).")
+    mode: Literal["min", "max"]
+    weight: float = Field(1.0, gt=0)
 
 
 class SelectConfig(StageConfig):
     kind: Literal["select"] = "select"
     of: str = Field(description="The swept stage.")
     candidates: list[str] = Field(description="Its candidates, in the sweep's order (ties keep this order).")
-    eval: str = Field(description="The eval stage whose results rank them.")
-    metric: str = Field(description="The metric, as the eval stage records it (e.g. heldout/loss).")
-    mode: Literal["min", "max"]
+    parts: list[SelectPart] = Field(min_length=1, description="The metrics that rank them.")
+    combine: Literal["metric", "score", "rank"] = Field("metric", description="How the parts make one objective "
+                                                                              "(posttrain.objective).")
     rank: int = Field(1, gt=0, description="1 = the best.")
+
+    @property
+    def objective_parts(self) -> list[Part]:
+        return [Part(p.eval, p.metric, p.mode, p.weight) for p in self.parts]
+
+    @property
+    def evals(self) -> list[str]:
+        return list(dict.fromkeys(p.eval for p in self.parts))
+
+    @property
+    def mode(self) -> str:
+        return objective_mode(self.objective_parts, self.combine)
+
+    @property
+    def by(self) -> str:
+        return describe(self.objective_parts, self.combine)
 
 
 class SelectStage(Stage):
@@ -33,21 +59,20 @@ class SelectStage(Stage):
 
     def inputs(self, config: SelectConfig) -> dict[str, str]:
         refs = {f"candidates.{i}": name for i, name in enumerate(config.candidates)}
-        refs["eval"] = config.eval
+        refs.update({f"evals.{i}": name for i, name in enumerate(config.evals)})
         return refs
 
     def keeps_tokenizer(self, config: SelectConfig) -> str | None:
         return "candidates.0"  # every candidate of a sweep carries the same tokenizer
 
-    def scores(self, config: SelectConfig, eval_metrics: dict[str, Any]) -> dict[str, float | None]:
-        """Each candidate's value of the metric in the eval's results (None where it has none)."""
-        results = eval_metrics.get("results", {})
-        found = {}
-        for name in config.candidates:
-            value = results.get(name, {}).get(config.metric)
-            value = value.get("value") if isinstance(value, dict) else value
-            found[name] = float(value) if isinstance(value, (int, float)) else None
-        return found
+    def part_values(self, config: SelectConfig, results_by_eval: dict[str, dict[str, Any]],
+                    models: list[str] | None = None) -> dict[str, dict[str, float | None]]:
+        """model (the candidates by default) -> {part: value} from each eval's `results`."""
+        return part_values(config.objective_parts, results_by_eval, models or config.candidates)
+
+    def scores(self, config: SelectConfig, results_by_eval: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+        """Each candidate's objective (None where a part is missing)."""
+        return combine(config.objective_parts, config.combine, self.part_values(config, results_by_eval))
 
     def run(self, config: SelectConfig, ctx: StageContext) -> dict[str, Any]:
         raise RuntimeError("select steps are resolved by the runner, never run")
