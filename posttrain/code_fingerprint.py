@@ -1,23 +1,44 @@
-"""A stage's code as part of its entries' keys: a hash of every posttrain module the stage can run.
+"""A stage's code as part of its entries' keys: a hash of the posttrain code the stage can run.
 
-A stage's `version` is bumped by hand and was forgotten; the code that produces an entry is what
-should decide whether it can be reused. The modules are found statically: the stage's module, every
-posttrain module it imports (also inside functions, where stages import their heavy bodies), and so
-on transitively, plus the chat templates shipped as package data. A change to any of them changes the
-keys of that stage kind's entries (and so of everything downstream): they rebuild. Modules the stage
-never reaches (the CLI, the report) do not matter.
+Key policy (the README's registry section says it to users):
+
+- The code that produces an entry decides whether it can be reused, not a hand-bumped number alone
+  (a stage's `version` was bumped by hand and was forgotten). The modules are found statically: the
+  stage's module, every posttrain module it imports (also inside functions, where stages import
+  their heavy bodies), and so on transitively, plus the chat templates shipped as package data.
+- Only what can change an output counts. Docstrings, comments, blank lines and trailing spaces are
+  dropped before hashing, so documentation fixes keep every key. The plumbing modules in `NEUTRAL`
+  are neither hashed nor followed: they hold the package version, the error classes and their
+  messages, the table of stage kinds, signal handling and console output. Upgrading posttrain, a
+  clearer error message or a new built-in kind therefore rebuilds nothing; a change to a body a
+  stage runs rebuilds that stage's entries and those downstream of them.
+- A stage's `version` still forces a rebuild of its kind by hand, for example when a dependency's
+  behaviour changes under unchanged code.
+- Each entry records which files its code hash covered (`code_files` in its key material), so
+  `plan` names the files that changed when it says a stage will rebuild.
 """
 from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import sys
+import tokenize
 from functools import lru_cache
 from pathlib import Path
 
 PACKAGE = "posttrain"
 PACKAGE_ROOT = Path(__file__).resolve().parent
 DATA_FILES = ("templates/*.jinja",)
+# Plumbing that cannot change what a stage writes (see the policy above). Keep this list short: a
+# module belongs here only when nothing in it computes, reads or writes a stage's output.
+NEUTRAL = frozenset({
+    "posttrain",            # __init__: the version and the lazy public API
+    "posttrain.errors",     # exception classes and their messages
+    "posttrain.stages",     # __init__: the table of stage kinds and the plugin lookup
+    "posttrain.signals",    # turning SIGTERM into a clean stop
+    "posttrain.console",    # progress lines
+})
 
 
 def _module_file(name: str, root: Path) -> Path | None:
@@ -51,6 +72,8 @@ def module_closure(module: str, root: Path = PACKAGE_ROOT.parent) -> list[Path]:
         name = todo.pop()
         if name in seen:
             continue
+        if name in NEUTRAL and name != module:
+            continue
         path = _module_file(name, root)
         if path is None:
             continue  # an attribute imported from a module, not a module
@@ -62,22 +85,73 @@ def module_closure(module: str, root: Path = PACKAGE_ROOT.parent) -> list[Path]:
     return sorted(set(seen.values()))
 
 
+def behaviour_text(source: str) -> str:
+    """Python source without what cannot change behaviour: docstrings, comments, blank lines and
+    trailing spaces. Worked from the text itself (not an AST dump, whose shape differs between Python
+    versions), so one registry serves machines on different Pythons."""
+    lines = source.splitlines()
+    drop: list[tuple[int, int, int, int]] = []  # (start line, start col, end line, end col), 1-based lines
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return source
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body:
+            first = body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                drop.append((first.lineno, first.col_offset, first.end_lineno or first.lineno,
+                             first.end_col_offset or 0))
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.COMMENT:
+                drop.append((token.start[0], token.start[1], token.end[0], token.end[1]))
+    except (tokenize.TokenError, IndentationError):
+        pass
+    for start_line, start_col, end_line, end_col in sorted(drop, reverse=True):
+        head, tail = lines[start_line - 1][:start_col], lines[end_line - 1][end_col:]
+        lines[start_line - 1:end_line] = [head + tail]
+    return "\n".join(line.rstrip() for line in lines if line.strip())
+
+
+def _file_text(path: Path) -> bytes:
+    if path.suffix == ".py":
+        return behaviour_text(path.read_text(encoding="utf-8")).encode()
+    return path.read_bytes()
+
+
+def file_digests(files: list[Path], root: Path) -> dict[str, str]:
+    """relative path -> sha256 of what of it counts, for saying which files changed."""
+    return {path.relative_to(root).as_posix(): hashlib.sha256(_file_text(path)).hexdigest()[:16] for path in files}
+
+
 def fingerprint_files(files: list[Path], root: Path) -> str:
     digest = hashlib.sha256()
     for path in files:
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + _file_text(path) + b"\0")
     return digest.hexdigest()
+
+
+def _stage_files(module: str, root: Path) -> tuple[list[Path], Path] | None:
+    if module.split(".")[0] != PACKAGE:
+        source = getattr(sys.modules.get(module), "__file__", None)  # a plugin: its own module file
+        return ([Path(source)], Path(source).parent) if source else None
+    files = module_closure(module, root)
+    for pattern in DATA_FILES:
+        files += sorted((root / PACKAGE).glob(pattern))
+    return files, root
 
 
 @lru_cache(maxsize=None)
 def code_fingerprint(module: str, root: Path = PACKAGE_ROOT.parent) -> str:
-    """sha256 over the stage module's closure (and posttrain's package data, for posttrain stages)."""
-    if module.split(".")[0] != PACKAGE:
-        source = getattr(sys.modules.get(module), "__file__", None)  # a plugin: its own module file
-        if source is None:
-            return "unknown"
-        return fingerprint_files([Path(source)], Path(source).parent)
-    files = module_closure(module, root)
-    for pattern in DATA_FILES:
-        files += sorted((root / PACKAGE).glob(pattern))
-    return fingerprint_files(files, root)
+    """sha256 over what counts of the stage module's closure (and posttrain's package data)."""
+    found = _stage_files(module, root)
+    return fingerprint_files(*found) if found else "unknown"
+
+
+@lru_cache(maxsize=None)
+def code_files(module: str, root: Path = PACKAGE_ROOT.parent) -> dict[str, str]:
+    """The files `code_fingerprint` covers, each with its own digest."""
+    found = _stage_files(module, root)
+    return file_digests(*found) if found else {}

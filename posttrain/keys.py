@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from posttrain.code_fingerprint import code_fingerprint
+from posttrain.code_fingerprint import code_files, code_fingerprint
 from posttrain.fingerprint import FingerprintCache, fingerprint
 from posttrain.recipe.load import LoadedRecipe
 from posttrain.registry import entry_key
@@ -83,6 +83,7 @@ def compute_keys(loaded: LoadedRecipe, cache: FingerprintCache, choose: Chooser 
             "kind": item.kind,
             "version": item.stage.version,
             "code": code_fingerprint(type(item.stage).__module__),
+            "code_files": code_files(type(item.stage).__module__),  # which files, to say which changed
             "config": config,
             "inputs": inputs,
             "data": data,
@@ -99,7 +100,10 @@ def explain_change(old: dict[str, Any], new: dict[str, Any], key_names: dict[str
     if old.get("version") != new.get("version"):
         reasons.append(f"stage code version {old.get('version')} -> {new.get('version')}")
     if old.get("code") != new.get("code"):
-        reasons.append("the stage's code changed")
+        before, after = old.get("code_files") or {}, new.get("code_files") or {}
+        changed = sorted(f for f in set(before) | set(after) if before.get(f) != after.get(f))
+        reasons.append(f"the stage's code changed ({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''})"
+                       if before and changed else "the stage's code changed")
     if old.get("kind") != new.get("kind"):
         reasons.append(f"kind {old.get('kind')} -> {new.get('kind')}")
     for path in sorted(set(old.get("inputs", {})) | set(new.get("inputs", {}))):

@@ -257,9 +257,13 @@ def test_a_change_to_a_module_a_stage_runs_changes_its_key_and_nothing_else_does
     code_fingerprint.cache_clear()
     assert code_fingerprint("posttrain.stages.sft", root) == before
     tokenize = root / "posttrain" / "data" / "tokens.py"
-    tokenize.write_text(tokenize.read_text() + "\n# a change in a module SFT runs\n")
+    tokenize.write_text(tokenize.read_text() + "\n# a comment in a module SFT runs: no behaviour, same key\n")
+    code_fingerprint.cache_clear()
+    assert code_fingerprint("posttrain.stages.sft", root) == before
+    tokenize.write_text(tokenize.read_text() + "\nPADDING_MULTIPLE = 8\n")
     code_fingerprint.cache_clear()
     assert code_fingerprint("posttrain.stages.sft", root) != before
+    before = code_fingerprint("posttrain.stages.sft", root)
     template = root / "posttrain" / "templates" / "llama-3.1.jinja"
     template.write_text(template.read_text() + "{#- changed #}")
     code_fingerprint.cache_clear()
@@ -276,3 +280,53 @@ def test_plan_says_when_the_stage_code_changed(tmp_path, registry_dir, monkeypat
     monkeypatch.setattr(keys, "code_fingerprint", lambda module: "different code")
     result = posttrain.runner.plan(posttrain.recipe.load_recipe(recipe), Registry(registry_dir))
     assert {item.name: item.reason for item in result}["one"].startswith("the stage's code changed")
+
+
+def _plan_keys(package_root: Path) -> dict[str, str]:
+    """Stage -> key, as `posttrain plan` of the tiny flagship computes them with the posttrain package
+    found under `package_root` (a subprocess, so nothing is cached from this process)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, posttrain.runner as r, posttrain.recipe as rc, posttrain.registry as g, sys\n"
+            "loaded = rc.load_recipe(sys.argv[1], 'tiny')\n"
+            "items = r.plan(loaded, g.Registry(sys.argv[2]))\n"
+            "import posttrain; assert posttrain.__file__.startswith(sys.argv[3]), posttrain.__file__\n"
+            "print(json.dumps({i.name: i.key for i in items}))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "recipes" / "intellect1_instruct.yaml"),
+                          str(package_root / "registry"), str(package_root)], capture_output=True, text=True, env=env, check=True,
+                         cwd=package_root)
+    keys = json.loads(out.stdout.strip().splitlines()[-1])
+    assert keys["base"] != "-" and keys["sft.data"] != "-"
+    return keys
+
+
+def test_plan_keys_survive_an_upgrade_that_changes_no_output(tmp_path):
+    """The key policy (posttrain/code_fingerprint.py): docstrings and comments anywhere, the package
+    version, error messages and a new built-in kind change no key; a change to a body a stage runs
+    changes that stage's key and those downstream, and nothing upstream."""
+    root = tmp_path / "src"
+    shutil.copytree(ROOT / "posttrain", root / "posttrain", ignore=shutil.ignore_patterns("__pycache__"))
+    before = _plan_keys(root)
+    package = root / "posttrain"
+
+    def edit(relative: str, old: str, new: str) -> None:
+        path = package / relative
+        text = path.read_text()
+        assert old in text, (relative, old)
+        path.write_text(text.replace(old, new, 1))
+
+    edit("__init__.py", '__version__ = "', '__version__ = "9')                       # an upgrade
+    edit("errors.py", '"""', '"""A reworded module docstring. ', )                   # shared module docs
+    edit("errors.py", "exit_code = 2", "exit_code = 2  # a comment")
+    edit("stages/__init__.py", '    "select": "posttrain.stages.select:SelectStage",\n',
+         '    "select": "posttrain.stages.select:SelectStage",\n    "extra": "posttrain.stages.extra:ExtraStage",\n')
+    edit("stages/base.py", '"""', '"""Docs for the stage base, reworded. ')           # a module every kind runs
+    edit("training/trainer_common.py", "def ", "# a new comment\ndef ")
+    assert _plan_keys(root) == before
+    edit("training/sft_run.py", "def ", "SFT_CONSTANT = 1\n\n\ndef ")                 # real code, SFT's body
+    after = _plan_keys(root)
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {name for name in before if name.startswith("sft[")} | {"sft_dev"}, changed
