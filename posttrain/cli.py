@@ -110,6 +110,39 @@ def launch_command(args, launch=None, recipe_dir: Path | None = None) -> list[st
     return command + inner
 
 
+def launch_options(args) -> str:
+    """The `--launcher ...` options of this command, shell-quoted, for 'resume with:' lines."""
+    import shlex
+
+    options = ["--launcher", args.launcher]
+    if args.nproc:
+        options += ["--nproc", str(args.nproc)]
+    if args.accelerate_config:
+        options += ["--accelerate-config", args.accelerate_config]
+    return " ".join(shlex.quote(o) for o in options)
+
+
+def run_launched(command: list[str], options: str) -> int:
+    """Run the launch, passing its output through; once a process has named a failed stage, what
+    torchrun's agent prints about the exit (tracebacks of the launcher itself, per-rank exit codes) is
+    left out: the stage's message and its rank logs say what happened."""
+    import subprocess
+
+    from posttrain.recipe.load import LAUNCH_OPTIONS_ENV
+
+    env = {**os.environ, LAUNCH_OPTIONS_ENV: options}
+    child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    reported = False
+    for line in child.stderr:
+        if line.startswith("posttrain: "):
+            reported = True
+        elif reported and not line.startswith("  resume with:"):
+            continue
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    return child.wait()
+
+
 def cmd_run(args) -> int:
     from posttrain.recipe import load_recipe
     from posttrain.runner import StageFailed, rank_info, run
@@ -119,10 +152,11 @@ def cmd_run(args) -> int:
         import subprocess
 
         command = launch_command(args, loaded.recipe.launch, loaded.dir)
-        print("launching:", " ".join(command))
-        return subprocess.call(command)
+        print("launching:", " ".join(command), flush=True)
+        return run_launched(command, launch_options(args))
     if rank_info()[0] != 0:  # one process speaks for all
         sys.stdout = open(os.devnull, "w")
+        sys.stderr = open(os.devnull, "w")  # its failures are in its rank log; rank 0 names the stage
     started = time.time()
     try:
         result = run(loaded, registry=args.registry, quiet=not args.verbose)

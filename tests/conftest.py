@@ -85,17 +85,29 @@ def count_runs(registry: Path) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
 
-def run_and_kill_at_checkpoint(recipe: Path, registry: Path, step: int, timeout: float = 240) -> None:
-    """Start `posttrain run` and SIGKILL it once in-stage checkpoint-<step> has been written."""
+def run_and_kill_at_checkpoint(recipe: Path, registry: Path, step: int, timeout: float = 240,
+                               extra: tuple[str, ...] = ()) -> None:
+    """Start `posttrain run` (with `extra` arguments, e.g. a launcher) and SIGKILL it, with every process
+    it started, once in-stage checkpoint-<step> has been written: what a preempted node looks like."""
+    import os
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
     pattern = f"work/*/checkpoints/checkpoint-{step}/trainer_state.json"
     while time.time() < deadline and not list(registry.glob(pattern)):
         assert proc.poll() is None, "run finished before it could be killed"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    # torchrun starts its workers in sessions of their own: kill the whole tree, leaves first.
+    import psutil
+
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in tree:
+        try:
+            child.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()

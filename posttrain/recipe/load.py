@@ -5,6 +5,8 @@ or `defaults` entry that set it, or the command line for an override).
 """
 from __future__ import annotations
 
+import os
+
 import difflib
 import json
 import typing
@@ -60,7 +62,13 @@ class LoadedRecipe:
         if self.profile:
             parts += ["--profile", shlex.quote(self.profile)]
         parts += [shlex.quote(o) for o in self.overrides]
-        return " ".join(parts)
+        # Inside a launch, the launcher's own options, so the command relaunches the same way.
+        launch = os.environ.get(LAUNCH_OPTIONS_ENV, "")
+        return " ".join(parts + ([launch] if launch and verb == "run" else []))
+
+
+# Set by `posttrain run --launcher ...` for the processes it starts: its launch options, shell-quoted.
+LAUNCH_OPTIONS_ENV = "POSTTRAIN_LAUNCH_OPTIONS"
 
 
 class _Origins:

@@ -8,18 +8,26 @@ from pathlib import Path
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def last_complete_checkpoint(folder: Path) -> Path | None:
+def last_complete_checkpoint(folder: Path, processes: int = 1) -> Path | None:
     """The newest `checkpoint-N` that finished writing.
 
     The Trainer writes `trainer_state.json` after the weights, optimizer, scheduler and RNG states, so a
     checkpoint without it, or with it only partly written, was cut short by a kill and must not be
-    resumed from (transformers' get_last_checkpoint would pick it anyway).
+    resumed from (transformers' get_last_checkpoint would pick it anyway). Under a multi-process launch
+    rank 0 writes that file once the collective (sharded) weight and optimizer saves are done, but each
+    rank writes its own RNG state after them: all `processes` of those must be there too.
     """
     if not folder.is_dir():
         return None
     done = [(int(m.group(1)), p) for p in folder.iterdir()
-            if (m := _CHECKPOINT.match(p.name)) and _state_is_whole(p / "trainer_state.json")]
+            if (m := _CHECKPOINT.match(p.name)) and _state_is_whole(p / "trainer_state.json")
+            and (processes == 1 or all((p / f"rng_state_{rank}.pth").is_file() for rank in range(processes)))]
     return max(done)[1] if done else None
+
+
+def processes_that_wrote(checkpoint: Path) -> int:
+    """How many processes wrote an in-stage checkpoint (each leaves its RNG state)."""
+    return max(1, len(list(checkpoint.glob("rng_state_*.pth"))))
 
 
 def _state_is_whole(path: Path) -> bool:

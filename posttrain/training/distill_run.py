@@ -9,7 +9,7 @@ from posttrain.kd.tokenizer_check import check_compatible
 from posttrain.errors import UserError
 from posttrain.context import StageContext
 from posttrain.training.trainer_common import (callbacks, device_defaults, load_chat_tokenizer, logged_series,
-                                               save_model_entry)
+                                               save_model_entry, sharded)
 from posttrain.training.trainer_common import train as train_model
 from posttrain.training.distill_data import (LengthLimited, LogitsDatasetSequences, PackedSequences,
                                                  ShardSequences, collate)
@@ -39,27 +39,13 @@ def _trainer_class():
             return count
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            valid = inputs["valid"]
-            core = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-            # Packed rows: transformers makes attention block-diagonal from restarting position ids, but
-            # only with no attention mask and no KV cache (use_cache=False).
-            if "position_ids" in inputs:
-                hidden = core(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
-                              use_cache=False).last_hidden_state
-            else:
-                hidden = core(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                              use_cache=False).last_hidden_state
-            if not valid.any():
-                return hidden.sum() * 0.0
-            tail = inputs["target_tail"][valid] if "target_tail" in inputs else None
-            loss, parts = distill_loss(
-                hidden[valid], model.get_output_embeddings(), inputs["target_ids"][valid],
-                inputs["target_values"][valid], inputs["next_tokens"][valid], alpha=self.distill["alpha"],
-                loss=self.distill["loss"], temperature=self.distill["temperature"],
-                chunk_size=self.distill["chunk_size"], teacher_tail=tail, normalizer=num_items_in_batch)
+            # Through the wrapped model's own forward (see install_distill_forward), so DDP's and FSDP's
+            # hooks see the whole computation, the output head included.
+            out = model(**inputs, distill=self.distill, normalizer=num_items_in_batch)
+            loss = out["loss"]
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-                loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
-            for key, value in parts.items():
+                loss = loss * self.accelerator.num_processes  # DDP and FSDP average gradients over ranks
+            for key, value in out["parts"].items():
                 self.parts[key].append(value)
             return (loss, None) if return_outputs else loss
 
@@ -73,6 +59,45 @@ def _trainer_class():
     return DistillTrainer
 
 
+def install_distill_forward(model) -> None:
+    """Give the student a forward that returns the sparse-KD loss when called with distill targets.
+
+    The loss needs the final hidden states and the output head, never the [T, V] logits. Computing it
+    outside the model's forward would use the head's weight where FSDP has not gathered it (on a
+    sharded model it is a shard) and miss DDP's and FSDP's backward hooks, so it runs inside: the
+    decoder, then the chunked loss over the head, all within one call of the (wrapped) model. Called
+    without distill targets (generation, plain evaluation) the model's own forward runs.
+    """
+    import types
+
+    plain_forward = model.forward
+
+    def forward(self, *args, distill=None, normalizer=None, valid=None, target_ids=None, target_values=None,
+                next_tokens=None, target_tail=None, **inputs):
+        if distill is None:
+            return plain_forward(*args, **inputs)
+        core = self.get_decoder()
+        # Packed rows: transformers makes attention block-diagonal from restarting position ids, but
+        # only with no attention mask and no KV cache (use_cache=False).
+        if "position_ids" in inputs:
+            hidden = core(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                          use_cache=False).last_hidden_state
+        else:
+            hidden = core(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                          use_cache=False).last_hidden_state
+        if not valid.any():
+            # Every rank must still run the head (FSDP gathers it collectively); zero loss, zero grads.
+            return {"loss": self.get_output_embeddings()(hidden[:, :1]).sum() * 0.0, "parts": {}}
+        loss, parts = distill_loss(
+            hidden[valid], self.get_output_embeddings(), target_ids[valid], target_values[valid],
+            next_tokens[valid], alpha=distill["alpha"], loss=distill["loss"],
+            temperature=distill["temperature"], chunk_size=distill["chunk_size"],
+            teacher_tail=target_tail[valid] if target_tail is not None else None, normalizer=normalizer)
+        return {"loss": loss, "parts": parts}
+
+    model.forward = types.MethodType(forward, model)
+
+
 def run_distill(config, ctx: StageContext) -> dict[str, Any]:
     from transformers import TrainingArguments
 
@@ -81,6 +106,7 @@ def run_distill(config, ctx: StageContext) -> dict[str, Any]:
     student_path = ctx.inputs["model"].path
     tokenizer = load_chat_tokenizer(student_path, None, ctx)
     model = load_trainable(student_path, config.master_weights)
+    install_distill_forward(model)
     if config.teacher_logits or config.teacher_logits_path:
         folder = ctx.inputs["teacher_logits"].path if config.teacher_logits else ctx.resolve(config.teacher_logits_path)
         data = ShardSequences(folder)
@@ -114,7 +140,7 @@ def run_distill(config, ctx: StageContext) -> dict[str, Any]:
     args = TrainingArguments(output_dir=str(checkpoints), seed=ctx.seed, save_strategy="steps",
                              save_steps=config.save_steps, remove_unused_columns=False,
                              activation_checkpointing=config.gradient_checkpointing, **training)
-    trainer = _trainer_class()(
+    trainer = sharded(_trainer_class())(
         model=model, args=args, train_dataset=train, eval_dataset=evaluation,
         data_collator=partial(collate, pad_id=tokenizer.pad_token_id or 0, assistant_only=config.assistant_only),
         distill={"alpha": config.alpha, "loss": config.loss, "temperature": temperature,

@@ -6,7 +6,7 @@ from typing import Any
 
 from posttrain.context import StageContext
 from posttrain.training.trainer_common import (callbacks, device_defaults, load_chat_tokenizer, lora_config,
-                                               save_model_entry)
+                                               save_model_entry, sharded)
 from posttrain.training.trainer_common import train as train_model
 from posttrain.training.splits import prepared_datasets
 
@@ -60,7 +60,7 @@ def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
         gradient_checkpointing=None,
         **training,
     )
-    trainer = preference_trainer(DPOTrainer)(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
+    trainer = sharded(preference_trainer(DPOTrainer))(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer, peft_config=lora_config(config.lora), callbacks=callbacks(ctx))
     _, run_metrics = train_model(trainer, checkpoints)
 

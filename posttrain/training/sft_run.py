@@ -7,7 +7,7 @@ import numpy as np
 
 from posttrain.context import StageContext
 from posttrain.training.trainer_common import (callbacks, device_defaults, load_chat_tokenizer, logged_series,
-                                               lora_config, save_model_entry)
+                                               lora_config, save_model_entry, sharded)
 from posttrain.training.trainer_common import train as train_model
 from posttrain.training.splits import prepared_datasets
 
@@ -45,7 +45,7 @@ def run_sft(config, ctx: StageContext) -> dict[str, Any]:
         dataset_kwargs={"skip_prepare_dataset": True},
         **training,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+    trainer = sharded(SFTTrainer)(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer, peft_config=lora_config(config.lora), callbacks=callbacks(ctx))
     _, run_metrics = train_model(trainer, checkpoints)
     seconds = run_metrics["train_seconds"]
@@ -65,7 +65,7 @@ def run_sft(config, ctx: StageContext) -> dict[str, Any]:
         lora=bool(config.lora),
         gradient_checkpointing=bool(args.activation_checkpointing),
         master_weights=config.master_weights,
-        torch_dtype=str(next(trained.parameters()).dtype).replace("torch.", ""),
+        torch_dtype=str(trained.config.dtype).replace("torch.", ""),
     )
     if metrics["eval_loss"]:
         metrics["final_eval_loss"] = metrics["eval_loss"][-1]["value"]

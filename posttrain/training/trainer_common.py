@@ -9,7 +9,8 @@ from typing import Any
 
 from posttrain.context import StageContext
 from posttrain.errors import UserError
-from posttrain.training.checkpoints import last_complete_checkpoint, mean_train_loss, no_final_checkpoint, progress_to
+from posttrain.training.sharding import is_fsdp, refuse_silent_fallback, sharded
+from posttrain.training.checkpoints import last_complete_checkpoint, mean_train_loss, processes_that_wrote, no_final_checkpoint, progress_to
 
 
 def load_chat_tokenizer(source, chat_template: str | None, ctx: StageContext):
@@ -33,6 +34,7 @@ def device_defaults(training: dict[str, Any], has_eval: bool) -> dict[str, Any]:
     """Defaults for any trl trainer; the recipe's `training:` values always win."""
     import torch
 
+    refuse_silent_fallback(training)
     training.setdefault("logging_steps", 1)
     training.setdefault("report_to", ["tensorboard"])
     training.setdefault("save_total_limit", 2)
@@ -49,33 +51,50 @@ def save_model_entry(trainer, tokenizer, ctx: StageContext, lora: bool, checkpoi
     """Write the trained model as a plain HF folder (LoRA merged; adapter kept in adapter/), in the
     dtype the input model was stored in (training itself keeps fp32 master weights).
 
-    Under a multi-process launch every rank takes part (FSDP and ZeRO-3 gather the full state dict
-    collectively) and the Trainer writes on rank 0 only. Returns the saved model.
+    Under a multi-process launch every rank takes part in gathering the full state dict (FSDP and
+    ZeRO-3 hold only shards), and rank 0 alone casts and writes it: the folder has the layout and
+    dtype of a single-process entry and nothing of the optimizer. Returns the saved model (rank 0's).
     """
     from posttrain.checkpoint_folder import save_tokenizer_files
     from posttrain.training.weights import cast_for_storage, stored_dtype
 
-    model = trainer.model
     storage = stored_dtype(ctx.inputs["model"].path)
+    model = trainer.accelerator.unwrap_model(trainer.model)
     if lora:
-        if ctx.world_size > 1:
-            raise UserError("LoRA with a multi-process launch is not supported yet: run LoRA stages in one process")
-        model.save_pretrained(ctx.out_dir / "adapter")
-        model = cast_for_storage(model.merge_and_unload(), storage)
-        model.save_pretrained(ctx.out_dir, safe_serialization=True)
+        if is_fsdp(trainer) or trainer.is_deepspeed_enabled:
+            raise UserError("LoRA under FSDP or DeepSpeed is not supported yet: launch LoRA stages with DDP "
+                            "(configs/accelerate/ddp.yaml, or torchrun); only the small adapter is trained")
+        if ctx.is_main:  # under DDP every rank holds the same weights
+            model.save_pretrained(ctx.out_dir / "adapter")
+            model = cast_for_storage(model.merge_and_unload(), storage)
+            model.save_pretrained(ctx.out_dir, safe_serialization=True)
     elif ctx.world_size > 1:
-        trainer.save_model(str(ctx.out_dir))  # sharded weights are gathered in their training dtype
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # a collective: every rank
+        if ctx.is_main:
+            save_full_state(model, state, storage, ctx.out_dir)
     else:
         model = cast_for_storage(model, storage)
         model.save_pretrained(ctx.out_dir, safe_serialization=True)
     if ctx.is_main:
         save_tokenizer_files(ctx.out_dir, tokenizer, input_dir=ctx.inputs["model"].path)
-        for leftover in ("training_args.bin",):  # a pickle the Trainer writes: never in the registry
-            (ctx.out_dir / leftover).unlink(missing_ok=True)
         runs = checkpoints / "runs"
         if runs.is_dir():
             shutil.copytree(runs, ctx.out_dir / "tensorboard", dirs_exist_ok=True)
     return model
+
+
+def save_full_state(model, state: dict, storage: str | None, out_dir) -> None:
+    """Rank 0's write of a gathered state dict as the model's HF folder, cast to the storage dtype."""
+    import torch
+
+    dtype = getattr(torch, storage) if storage else None
+    if dtype is not None:
+        state = {name: value.to(dtype) if value.is_floating_point() else value for name, value in state.items()}
+    model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    if dtype is not None:
+        # save_pretrained writes the dtype of the (fp32, sharded) parameters it holds, not of `state`.
+        model.config.dtype = dtype
+        model.config.save_pretrained(out_dir)
 
 
 def lora_config(settings):
@@ -96,7 +115,13 @@ def callbacks(ctx: StageContext) -> list:
 def train(trainer, checkpoints) -> tuple[Any, dict[str, Any]]:
     """Train, resuming from the last complete in-stage checkpoint if a killed run left one; returns the
     Trainer's output and the metrics every training stage reports."""
-    last = last_complete_checkpoint(checkpoints)
+    processes = trainer.accelerator.num_processes
+    last = last_complete_checkpoint(checkpoints, processes)
+    if last is not None and processes_that_wrote(last) != processes:
+        # Sharded weights and optimizer state only load into the layout that wrote them.
+        raise UserError(f"the in-stage checkpoint {last} was written by {processes_that_wrote(last)} "
+                        f"process(es) and this run has {processes}: resume with the same launch, or "
+                        f"delete {checkpoints} to start the stage over")
     started = time.time()
     output = trainer.train(resume_from_checkpoint=str(last) if last else None)
     seconds = time.time() - started
@@ -105,7 +130,18 @@ def train(trainer, checkpoints) -> tuple[Any, dict[str, Any]]:
         "steps": trainer.state.global_step,
         "resumed_from_step": int(last.name.rsplit("-", 1)[1]) if last else 0,
         "train_seconds": round(seconds, 3),
+        "sharding": sharding_metrics(trainer),
     }
+
+
+def sharding_metrics(trainer) -> dict[str, Any]:
+    """How the run was spread over processes, with rank 0's parameter shard sizes as the proof."""
+    from posttrain.training.sharding import parameter_layout
+
+    world = trainer.accelerator.num_processes
+    engine = ("fsdp2" if is_fsdp(trainer) and trainer.accelerator.is_fsdp2 else "fsdp1" if is_fsdp(trainer)
+              else "deepspeed" if trainer.is_deepspeed_enabled else "ddp" if world > 1 else "none")
+    return {"engine": engine, "processes": world, **parameter_layout(trainer.model)}
 
 
 def logged_series(history: list[dict], key: str) -> list[dict[str, float]]:
