@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 GIB = 1024 ** 3
+# Activation bytes per token and hidden unit of one layer without checkpointing, at 16-bit width
+# (Korthikanti et al. 2022: 34 x s x b x h, ignoring the attention-score term FlashAttention removes).
+ACTIVATION_BYTES_PER_TOKEN_AND_HIDDEN = 34
 BYTES_PER_PARAMETER = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Published architectures, so `plan` works with no download (config.json fields of each model).
@@ -99,36 +102,110 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
-def estimate(kind: str, config: Any, arch: Architecture, processes: int) -> str:
-    """A one-line estimate for one stage."""
+@dataclass(frozen=True)
+class Launch:
+    """How a stage's processes hold the model: `engine` "fsdp" / "deepspeed" shard weights, gradients
+    and optimizer state over the processes; "ddp" (or one process) keeps a whole copy in each."""
+
+    processes: int = 1
+    engine: str = "ddp"
+    mixed_precision: bool = False
+
+    @property
+    def shards(self) -> int:
+        return self.processes if self.engine in ("fsdp", "deepspeed") else 1
+
+
+def launch_of(recipe_launch, recipe_dir: Path) -> Launch:
+    """The engine and precision of a recipe's `launch:` (its accelerate config read with safe_load)."""
+    import yaml
+
+    engine, mixed = "ddp", False
+    if recipe_launch.accelerate_config:
+        path = Path(recipe_launch.accelerate_config)
+        path = path if path.is_absolute() else recipe_dir / path
+        try:
+            config = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            config = {}
+        engine = {"FSDP": "fsdp", "DEEPSPEED": "deepspeed"}.get(str(config.get("distributed_type")), "ddp")
+        if engine == "deepspeed" and (config.get("deepspeed_config") or {}).get("zero_stage", 3) < 3:
+            engine = "ddp"  # ZeRO-1/2 shard optimizer state only; counted as replicated (an upper bound)
+        mixed = str(config.get("mixed_precision", "no")) in ("bf16", "fp16")
+    return Launch(recipe_launch.num_processes, engine, mixed)
+
+
+def training_bytes(kind: str, config: Any, arch: Architecture, launch: Launch) -> dict[str, float]:
+    """The parts of one training process's peak, in bytes (see the module docstring for the rules).
+
+    Peak is the larger of the forward/backward peak (states + working copies + activations + logits)
+    and the optimizer step's (states + AdamW's foreach temporaries, activations already freed).
+    """
     p = arch.parameters
     training = dict(getattr(config, "training", {}) or {})
-    batch = int(training.get("per_device_train_batch_size", 8))
+    mixed = launch.mixed_precision or bool(training.get("bf16")) or bool(training.get("fp16"))
+    batch = int(training.get("per_device_train_batch_size", 8)) * (2 if kind == "dpo" else 1)
     data = getattr(config, "data", None)
     seq = getattr(data, "max_length", None) or getattr(config, "max_length", 2048)
+    tokens = batch * seq
     checkpointing = bool(getattr(config, "gradient_checkpointing", False))
+    master = BYTES_PER_PARAMETER.get(getattr(config, "master_weights", "float32"), 4)
+    shards = launch.shards
+    parts: dict[str, float] = {}
+    if getattr(config, "lora", None):
+        parts["frozen weights"] = master * p  # LoRA runs under DDP: a whole copy per process
+        optimizer_step = 0.0
+    else:
+        parts["weights, grads, AdamW"] = (2 * master + 8) * p / shards
+        optimizer_step = 2 * master * p / shards  # foreach sqrt/div temporaries the size of the params
+        if mixed:
+            # bf16 working copies: autocast's cache of every weight, or under FSDP the gathered layer and
+            # the one prefetched (plus the root's embeddings and head).
+            layer = p - arch.vocab * arch.hidden * (1 if arch.tied else 2)
+            parts["bf16 working copy"] = (2 * p if shards == 1 else
+                                          2 * (2 * layer / max(arch.layers, 1) + arch.vocab * arch.hidden))
+    width = 2 if mixed else 4
+    per_layer = (2 * tokens * arch.hidden * width / 2 if checkpointing
+                 else ACTIVATION_BYTES_PER_TOKEN_AND_HIDDEN * tokens * arch.hidden * width / 2)
+    parts["activations"] = arch.layers * per_layer + (
+        ACTIVATION_BYTES_PER_TOKEN_AND_HIDDEN * tokens * arch.hidden * width / 2 if checkpointing else 0)
+    if kind == "distill":
+        # One chunk of logits, recomputed in backward: the logits, the teacher-side log-softmax,
+        # probabilities and their gradients, ~32 bytes a logit measured on CPU in fp32
+        # (bench/plan_memory.py; 20 assumed before was 27% low), +12 with the CE term; never [tokens x vocab].
+        per_logit = (width + 28) + (12 if getattr(config, "alpha", 1.0) < 1 else 0)
+        parts["logits (one chunk)"] = per_logit * min(tokens, getattr(config, "chunk_size", 1024)) * arch.vocab
+    else:
+        # The whole batch's logits (trl materialises [tokens x vocab]): the model's output, the loss's
+        # fp32 log-softmax and gradients, and trl's entropy / accuracy metrics over the same logits: ~32
+        # bytes a logit measured on CPU in fp32 (bench/plan_memory.py: sft 2.59 GB for 2048 x 32000).
+        parts["logits"] = (width + 28) * tokens * arch.vocab
+    if kind == "dpo" and not getattr(config, "precompute_ref_log_probs", True) and not getattr(config, "lora", None):
+        parts["reference model"] = master * p / shards
+    forward_backward = sum(parts.values())
+    if optimizer_step and optimizer_step > forward_backward - parts["weights, grads, AdamW"]:
+        parts = {"weights, grads, AdamW": parts["weights, grads, AdamW"], "optimizer step": optimizer_step,
+                 **({"reference model": parts["reference model"]} if "reference model" in parts else {})}
+    return parts
+
+
+def estimate(kind: str, config: Any, arch: Architecture, launch: Launch | int) -> str:
+    """A one-line estimate for one stage."""
+    if isinstance(launch, int):
+        launch = Launch(launch, "fsdp" if launch > 1 else "ddp")
+    p = arch.parameters
     if kind in ("sft", "dpo", "distill"):
-        if kind == "dpo":
-            batch *= 2  # chosen and rejected in one forward
-        tokens = batch * seq
-        if getattr(config, "lora", None):
-            states = 2 * p  # frozen bf16 weights, not sharded by plain DDP
-            shard = "per process"
-        else:
-            states = 16 * p / processes
-            shard = f"sharded over {processes}" if processes > 1 else "1 device"
-        per_layer = 2 * tokens * arch.hidden if checkpointing else 34 * tokens * arch.hidden
-        activations = arch.layers * per_layer + (34 * tokens * arch.hidden if checkpointing else 0)
-        if kind == "distill":
-            logits = 3 * 4 * min(tokens, getattr(config, "chunk_size", 1024)) * arch.vocab
-        else:
-            logits = tokens * arch.vocab * 6  # bf16 logits + fp32 loss copy
-        reference = 0
-        if kind == "dpo" and not getattr(config, "precompute_ref_log_probs", True) and not getattr(config, "lora", None):
-            reference = 2 * p / processes
-        total = states + activations + logits + reference
-        return (f"~{_bytes(total)}/device ({_count(p)} params, {shard}, batch {batch} x {seq}"
-                f"{', checkpointing' if checkpointing else ''})")
+        parts = training_bytes(kind, config, arch, launch)
+        training = dict(getattr(config, "training", {}) or {})
+        batch = int(training.get("per_device_train_batch_size", 8)) * (2 if kind == "dpo" else 1)
+        data = getattr(config, "data", None)
+        seq = getattr(data, "max_length", None) or getattr(config, "max_length", 2048)
+        checkpointing = bool(getattr(config, "gradient_checkpointing", False))
+        shard = (f"{launch.engine} over {launch.processes}" if launch.shards > 1
+                 else "whole copy per process" if launch.processes > 1 else "1 device")
+        biggest = max(parts, key=parts.get)
+        return (f"~{_bytes(sum(parts.values()))}/device ({_count(p)} params, {shard}, batch {batch} x {seq}"
+                f"{', checkpointing' if checkpointing else ''}; largest: {biggest} {_bytes(parts[biggest])})")
     if kind == "capture_logits":
         # Logits are made 1024 positions at a time: bf16 logits, fp32 log-softmax and a masked copy for the
         # tail (~12 bytes a logit) of one chunk, plus the batch's hidden states and activations.
@@ -136,7 +213,9 @@ def estimate(kind: str, config: Any, arch: Architecture, processes: int) -> str:
         logits += 34 * getattr(config, "batch_size", 8) * seq * arch.hidden
         return f"~{_bytes(2 * p + logits)} on one device (teacher inference)"
     if kind == "merge":
-        return f"~{_bytes(2 * p)} RAM (one bf16 output shard buffer plus mmap'd inputs)"
+        dtype = getattr(config, "dtype", None) or "bfloat16"
+        size = BYTES_PER_PARAMETER.get(dtype, 2)
+        return f"~{_bytes(size * p)} RAM (one {dtype} output shard buffer plus mmap'd inputs)"
     if kind == "eval":
         return f"~{_bytes(2 * p)}/device (bf16 inference)"
     if kind == "model":
@@ -165,12 +244,13 @@ def estimates_for(loaded) -> dict[str, str]:
     """One estimate per stage of a loaded recipe; each model's architecture is read once."""
     architectures: dict[str, Architecture | None] = {}
     found = {}
+    launch = launch_of(loaded.recipe.launch, loaded.dir)
     for name in loaded.order:
         item = loaded.stages[name]
         model = source_model(loaded, name)
         if model is not None and model not in architectures:
             architectures[model] = architecture_of(model, loaded.dir)
         arch = architectures.get(model) if model else None
-        found[name] = (estimate(item.kind, item.config, arch, loaded.recipe.launch.num_processes) if arch
+        found[name] = (estimate(item.kind, item.config, arch, launch) if arch
                        else "unknown architecture (no config.json offline)")
     return found

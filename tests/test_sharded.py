@@ -163,3 +163,34 @@ def test_fsdp1_on_cpu_processes_is_refused_instead_of_running_as_ddp(tmp_path, r
     assert "Traceback" not in failed.stderr
     built = [json.loads(m.read_text())["kind"] for m in registry_dir.glob("entries/*/manifest.json")]
     assert "sft" not in built
+
+
+def test_plan_estimates_per_device_by_engine():
+    """FSDP divides weights, grads and optimizer state by the processes; DDP keeps a whole copy in
+    each; activations and logits are per device either way; distill holds one chunk of logits."""
+    from posttrain.memory import KNOWN_ARCHITECTURES, Architecture, Launch, training_bytes
+    from posttrain.stages import get_stage
+
+    raw = KNOWN_ARCHITECTURES["PrimeIntellect/INTELLECT-1"]
+    arch = Architecture(raw["num_hidden_layers"], raw["hidden_size"], raw["intermediate_size"],
+                        raw["num_attention_heads"], raw["num_key_value_heads"], raw["vocab_size"], False)
+    sft = get_stage("sft").Config.model_validate({"kind": "sft", "data": {"sources": [{"path": "x.jsonl"}],
+                                                  "max_length": 4096}, "training": {"per_device_train_batch_size": 1}})
+    fsdp, ddp = (training_bytes("sft", sft, arch, Launch(8, engine, True)) for engine in ("fsdp", "ddp"))
+    assert fsdp["weights, grads, AdamW"] * 8 == pytest.approx(ddp["weights, grads, AdamW"])
+    assert ddp["weights, grads, AdamW"] == pytest.approx(16 * arch.parameters)  # fp32 masters + AdamW
+    # A replicated 10B peaks in AdamW's step (its temporaries the size of the params), not in backward.
+    assert set(ddp) == {"weights, grads, AdamW", "optimizer step"}
+    four = training_bytes("sft", sft, arch, Launch(4, "fsdp", True))
+    assert four["weights, grads, AdamW"] == pytest.approx(2 * fsdp["weights, grads, AdamW"])
+    assert fsdp["activations"] == four["activations"] and fsdp["logits"] == four["logits"]
+    assert fsdp["bf16 working copy"] < 2 * arch.parameters / 4  # a layer or two gathered, not all
+
+    def distill(length: int) -> dict:
+        config = get_stage("distill").Config.model_validate({"kind": "distill", "teacher_logits_path": "x",
+                                                             "max_length": length,
+                                                             "training": {"per_device_train_batch_size": 1}})
+        return training_bytes("distill", config, arch, Launch(8, "fsdp", True))
+
+    assert distill(4096)["logits (one chunk)"] == distill(8192)["logits (one chunk)"]
+    assert distill(8192)["activations"] == pytest.approx(2 * distill(4096)["activations"])

@@ -27,7 +27,7 @@ def test_flagship_plan_works_offline_with_memory_estimates(registry_dir):
                   "dpo.best", "distill", "merged[ties_even]", "merge_dev", "merged.best", "eval"):
         assert any(line.strip().startswith(stage + " ") for line in out.splitlines()), stage
     assert "memory estimates (8 processes" in out
-    assert "10.2B params, sharded over 8" in out
+    assert "10.2B params, fsdp over 8" in out
     assert not registry_dir.exists() or not any(registry_dir.glob("entries/*"))  # nothing downloaded or built
 
 
