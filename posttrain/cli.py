@@ -98,15 +98,25 @@ def launch_command(args, launch=None, recipe_dir: Path | None = None) -> list[st
         inner += ["--registry", args.registry]
     if getattr(args, "verbose", False):
         inner += ["--verbose"]
+    if getattr(args, "stage", None):  # one stage, as an executor's job builds it
+        inner += ["--stage", args.stage] + (["--expect-key", args.expect_key] if args.expect_key else [])
+    nodes = getattr(args, "nnodes", None) or 1
     if args.launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc or 2), *inner]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc or 2)]
+        if nodes > 1:
+            command += ["--nnodes", str(nodes), "--node_rank", str(args.node_rank),
+                        "--master_addr", args.main_address, "--master_port", str(args.main_port)]
+        return command + inner
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if args.accelerate_config:
         if not Path(args.accelerate_config).is_file():
             raise UserError(f"accelerate config not found: {args.accelerate_config}")
         command += ["--config_file", args.accelerate_config]
     if args.nproc:
-        command += ["--num_processes", str(args.nproc)]
+        command += ["--num_processes", str(args.nproc * nodes)]  # accelerate counts every machine's
+    if nodes > 1:
+        command += ["--num_machines", str(nodes), "--machine_rank", str(args.node_rank),
+                    "--main_process_ip", args.main_address, "--main_process_port", str(args.main_port)]
     return command + inner
 
 
@@ -143,11 +153,29 @@ def run_launched(command: list[str], options: str) -> int:
     return child.wait()
 
 
+def executor_settings(args, loaded):
+    """The recipe's `launch:` with the command line's --executor / --slots written over it."""
+    update = {}
+    if getattr(args, "executor", None):
+        update["executor"] = args.executor
+    if getattr(args, "slots", None) is not None:
+        if args.slots < 1:
+            raise UserError(f"--slots must be at least 1, not {args.slots}")
+        update["slots"] = args.slots
+        update.setdefault("executor", "local")
+    return loaded.recipe.launch.model_copy(update=update) if update else loaded.recipe.launch
+
+
 def cmd_run(args) -> int:
     from posttrain.recipe import load_recipe
     from posttrain.runner import StageFailed, rank_info, run
 
     loaded = load_recipe(args.recipe_file, args.profile, args.overrides)
+    launch = executor_settings(args, loaded)
+    if getattr(args, "stage", None) and not getattr(args, "launcher", None):
+        return _build_one(args, loaded)
+    if not getattr(args, "stage", None) and (launch.executor == "slurm" or launch.slots > 1):
+        return _drive(args, loaded, launch)
     if getattr(args, "launcher", None):
         import subprocess
 
@@ -171,6 +199,69 @@ def cmd_run(args) -> int:
     print(f"{len(result.ran)} ran, {len(result.cached)} cached in {time.time() - started:.1f}s; "
           f"refs under {loaded.ref_namespace}/ in {result.registry.root}")
     print("\n".join(_summary_table(result)))
+    return _print_gates(result)
+
+
+def _build_one(args, loaded) -> int:
+    """`run --stage NAME`: build one stage whose inputs are in the registry (what a job runs)."""
+    from posttrain.runner import StageFailed, build_stage, rank_info
+
+    if rank_info()[0] != 0:
+        sys.stdout = open(os.devnull, "w")
+        sys.stderr = open(os.devnull, "w")
+    try:
+        build_stage(loaded, args.stage, registry=args.registry, expect_key=args.expect_key, quiet=not args.verbose)
+    except StageFailed as exc:
+        print(f"posttrain: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"\nposttrain: stage {args.stage!r} interrupted; work so far is kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _drive(args, loaded, launch) -> int:
+    """Every stage a job: `slots` local subprocesses, or Slurm jobs through submitit."""
+    from posttrain.execution.driver import Driver, JobOptions, executor_options
+    from posttrain.runner import check_run_gates, open_registry
+
+    registry = open_registry(loaded, args.registry)
+    if launch.executor == "slurm":
+        from posttrain.execution.slurm import SubmititSlurm
+
+        folder = Path(launch.slurm.folder) if launch.slurm.folder else registry.root / "jobs"
+        folder = folder if folder.is_absolute() else loaded.dir / folder
+        transport = SubmititSlurm(folder, lambda kind: launch.for_kind(kind).slurm, launch.slurm.cluster)
+    else:
+        from posttrain.execution.local import LocalSlots
+
+        transport = LocalSlots(launch.slots, launch.gpus_per_slot)
+    options = JobOptions(launcher=args.launcher, verbose=args.verbose)
+    started = time.time()
+    print(f"recipe {loaded.ref_namespace}  registry {registry.root}  executor {transport.describe('sft')}", flush=True)
+    driver = Driver(loaded, registry, transport, launch, options, echo=lambda line: print(line, flush=True))
+    resume = f"{loaded.command()} {executor_options(launch)}"
+    try:
+        result = driver.run()
+    except KeyboardInterrupt:
+        print(f"\nposttrain: interrupted; work so far is kept. Resume with: {resume}", file=sys.stderr)
+        return 130
+    print(f"{len(result.ran)} ran, {len(result.cached)} cached, {len(result.failed)} failed, "
+          f"{len(result.blocked)} not started in {time.time() - started:.1f}s; refs under "
+          f"{loaded.ref_namespace}/ in {registry.root}")
+    print("\n".join(_summary_table(result)))
+    if result.failed:
+        for name, why in result.failed.items():
+            print(f"posttrain: stage {name!r} failed: {why}", file=sys.stderr)
+        if result.blocked:
+            print(f"posttrain: not started, as they need a failed stage: {', '.join(result.blocked)}", file=sys.stderr)
+        print(f"  resume with: {resume}", file=sys.stderr)
+        return 1
+    check_run_gates(result)
+    return _print_gates(result)
+
+
+def _print_gates(result) -> int:
     if result.gates:
         for gate in result.gates:
             print(f"gate {'PASS' if gate.passed else 'FAIL'}  {gate.name}: {gate.detail}")
@@ -193,8 +284,16 @@ def _summary_table(result) -> list[str]:
         seconds = entry.manifest.get("timings", {}).get("seconds")
         key_metric = next((f"{k} {metrics[k]:.4g}" for k in ("final_train_loss", "final_eval_loss",
                            "bytes_per_token", "decontaminated_rows") if isinstance(metrics.get(k), (int, float))), "")
-        rows.append((name, entry.kind, "ran" if name in result.ran else "cached",
-                     f"{seconds:.1f}s" if isinstance(seconds, (int, float)) else "-", key_metric))
+        jobs = result.jobs.get(name)
+        status = ("ran" if name in result.ran else "cached") + (f" (job {jobs[-1]})" if jobs and name in result.ran else "")
+        rows.append((name, entry.kind, status, f"{seconds:.1f}s" if isinstance(seconds, (int, float)) else "-",
+                     key_metric))
+    for name, why in result.failed.items():
+        jobs = result.jobs.get(name)
+        rows.append((name, result.recipe.stages[name].kind, "FAILED" + (f" (job {jobs[-1]})" if jobs else ""), "-",
+                     why.splitlines()[0][:80]))
+    for name, why in result.blocked.items():
+        rows.append((name, result.recipe.stages[name].kind, "not run", "-", why))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
@@ -377,6 +476,18 @@ def build_parser() -> argparse.ArgumentParser:
                             help="start one process per device (each runs the stages; rank 0 writes the registry)")
     run_parser.add_argument("--nproc", type=int, default=None, help="processes per machine (torchrun default: 2)")
     run_parser.add_argument("--accelerate-config", help="an accelerate config file, e.g. configs/accelerate/fsdp.yaml")
+    run_parser.add_argument("--executor", choices=["local", "slurm"],
+                            help="local: on this machine (with --slots N, N stages at once, each a job of its "
+                                 "own); slurm: each stage a Slurm job through submitit (default: the recipe's "
+                                 "launch.executor)")
+    run_parser.add_argument("--slots", type=int, default=None,
+                            help="local executor: stages at once (default: the recipe's launch.slots, 1)")
+    run_parser.add_argument("--stage", metavar="NAME",
+                            help="build only this stage; its inputs must be in the registry (what a job runs)")
+    run_parser.add_argument("--expect-key", help=argparse.SUPPRESS)  # the key the submitting driver computed
+    for flag, kind in (("--nnodes", int), ("--node-rank", int), ("--main-address", str), ("--main-port", int)):
+        run_parser.add_argument(flag, type=kind, default=29500 if flag == "--main-port" else None,
+                                help=argparse.SUPPRESS)  # set by a multi-node Slurm job for its launcher
     run_parser.add_argument("--verbose", "-v", action="store_true",
                             help="stream every library's output to the console (by default it goes to each "
                                  "stage's log, and the console shows one line per stage)")

@@ -57,6 +57,9 @@ class RunResult:
     cached: list[str] = field(default_factory=list)
     gates: list[GateResult] = field(default_factory=list)  # the recipe's quality gates, checked after the run
     selections: dict[str, dict[str, Any]] = field(default_factory=dict)  # select step -> what it chose and why
+    failed: dict[str, str] = field(default_factory=dict)  # stage -> why (runs whose stages are jobs go on)
+    blocked: dict[str, str] = field(default_factory=dict)  # stage -> which failed input it needed
+    jobs: dict[str, list[str]] = field(default_factory=dict)  # stage -> ids of the jobs that built it
 
     @property
     def gates_passed(self) -> bool:
@@ -226,20 +229,78 @@ def run(
                 echo(f"{prefix} chose    {chooser.describe(name)}")
                 reg.set_ref(f"{loaded.ref_namespace}/{name}", key)
             continue
-        entry = _reusable(reg, key, echo, prefix)
-        if entry is None:
-            entry = _build(context, name, prefix)
-            result.ran.append(name)
-        else:
-            result.cached.append(name)
-            if rank == 0:
-                echo(f"{prefix} cached   {short(key)}")
-        if rank == 0:
-            reg.set_ref(f"{loaded.ref_namespace}/{name}", key)
-        result.entries[name] = entry
+        _build_or_reuse(context, name, prefix)
+    check_run_gates(result)
+    return result
+
+
+def check_run_gates(result: RunResult) -> None:
+    """The recipe's quality gates over the entries of a finished run."""
+    loaded = result.recipe
     if loaded.recipe.gates:
         result.gates = check_gates(loaded.recipe.gates, result.entries, objectives(loaded, result.selections))
+
+
+def build_stage(
+    recipe: str | Path | LoadedRecipe,
+    stage: str,
+    profile: str | None = None,
+    overrides: list[str] | tuple = (),
+    registry: str | Path | Registry | None = None,
+    expect_key: str | None = None,
+    echo=print,
+    quiet: bool = False,
+) -> RunResult:
+    """Build one stage whose inputs are already in the registry (or find it built): the unit of work
+    an executor's job runs. `expect_key` is the key the submitting driver computed; a different key
+    here means the recipe, its files or posttrain changed since, and nothing is built."""
+    loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe, profile, list(overrides))
+    if stage not in loaded.stages:
+        raise UserError(f"{loaded.path}: no stage {stage!r} (stages: {', '.join(loaded.order)})")
+    reg = registry if isinstance(registry, Registry) else open_registry(loaded, registry)
+    rank, world = rank_info()
+    chooser = Chooser(loaded, reg)
+    keys = compute_keys(loaded, FingerprintCache(reg.root / "cache" / "fingerprints.json"), chooser)
+    result = RunResult(loaded, reg, selections=chooser.chosen)
+    if stage not in keys:
+        raise UserError(f"stage {stage!r} comes after a selection whose evals are not built yet; "
+                        f"build them first ({loaded.command()})")
+    if expect_key and keys[stage].key != expect_key:
+        raise UserError(f"stage {stage!r} now has key {short(keys[stage].key)}, not the {short(expect_key)} it was "
+                        f"submitted for: the recipe, a file it reads or posttrain changed since; nothing was built")
+    for ref in set(loaded.stages[stage].inputs.values()):
+        entry = reg.get(keys[ref].key)
+        if entry is None:
+            raise UserError(f"stage {stage!r}: its input {ref!r} ({short(keys[ref].key)}) is not in the registry "
+                            f"{reg.root}; build it first ({loaded.command()})")
+        result.entries[ref] = entry
+    context = _Run(loaded, reg, keys, result, rank, world, echo, quiet)
+    prefix = f"{stage:<14} {loaded.stages[stage].kind:<14}"
+    if loaded.stages[stage].kind == "select":
+        result.entries[stage] = result.entries[chooser.chosen[stage]["chosen"]]
+        if rank == 0:
+            echo(f"{prefix} chose    {chooser.describe(stage)}")
+            reg.set_ref(f"{loaded.ref_namespace}/{stage}", keys[stage].key)
+        return result
+    _build_or_reuse(context, stage, prefix)
     return result
+
+
+def _build_or_reuse(context: "_Run", name: str, prefix: str) -> Entry:
+    """The stage's entry: the registry's if it is there and sound, else built now; its ref set."""
+    reg, result, key = context.reg, context.result, context.keys[name].key
+    entry = _reusable(reg, key, context.echo, prefix)
+    if entry is None:
+        entry = _build(context, name, prefix)
+        result.ran.append(name)
+    else:
+        result.cached.append(name)
+        if context.rank == 0:
+            context.echo(f"{prefix} cached   {short(key)}")
+    if context.rank == 0:
+        reg.set_ref(f"{context.loaded.ref_namespace}/{name}", key)
+    result.entries[name] = entry
+    return entry
 
 
 def _reusable(reg: Registry, key: str, echo, prefix: str) -> Entry | None:
@@ -297,18 +358,18 @@ def _build(run: _Run, name: str, prefix: str) -> Entry:
         if loaded.stages[name].stage.produces == "model":
             lacking = missing_parts(tmp) if tmp.is_dir() else ["the whole build folder"]
             if lacking:  # e.g. removed under us: never commit a model entry that cannot load
-                _mark_failed(work, tmp, run.rank)
+                _mark_failed(work, tmp, run.rank, "failed")
                 raise StageFailed(f"stage {name!r} wrote an incomplete model folder (missing: {'; '.join(lacking)}); "
                                   f"nothing was committed\n  resume with: {loaded.command()}")
             write_model_card(tmp, manifest, reg)
         shutil.copy2(work / STAGE_LOG, tmp / "posttrain.log")
         entry = reg.commit(key, tmp, manifest)
         echo(f"{prefix} {'resumed' if resuming else 'done   '}  {short(key)}  {time.time() - started:.1f}s"
-             f"{_headline(metrics)}")
+             f"{headline(metrics)}")
         return entry
 
 
-def _headline(metrics: dict[str, Any]) -> str:
+def headline(metrics: dict[str, Any]) -> str:
     """The one number worth a glance on the stage's closing line."""
     for key in ("final_train_loss", "bytes_per_token"):
         if isinstance(metrics.get(key), (int, float)):
@@ -338,19 +399,19 @@ def _run_stage(run: _Run, name: str, out_dir: Path, work: Path, prefix: str = ""
             return item.stage.run(item.config, ctx) or {}
     except UserError as exc:
         stage_log.error("%s", exc)
-        _mark_failed(work, out_dir, rank)
+        _mark_failed(work, out_dir, rank, "failed")
         raise StageFailed(f"stage {name!r} ({item.kind}) failed: {exc}", exit_code=exc.exit_code) from exc
     except (KeyboardInterrupt, SystemExit):
         stage_log.error("interrupted")
-        _mark_failed(work, out_dir, rank)
+        _mark_failed(work, out_dir, rank, "interrupted")
         raise
     except Exception as exc:  # a bug or an environment problem: keep the traceback in the log
         if signals.interrupted():  # a library turned our Ctrl-C / SIGTERM into its own error
             stage_log.error("interrupted (surfaced as %s: %s)", type(exc).__name__, exc)
-            _mark_failed(work, out_dir, rank)
+            _mark_failed(work, out_dir, rank, "interrupted")
             raise KeyboardInterrupt from exc
         stage_log.error("failed:\n%s", traceback.format_exc())
-        _mark_failed(work, out_dir, rank)
+        _mark_failed(work, out_dir, rank, "failed")
         raise StageFailed(
             f"stage {name!r} ({item.kind}) failed: {type(exc).__name__}: {exc}\n"
             f"  traceback: {work / STAGE_LOG}\n"
@@ -362,9 +423,10 @@ def _run_stage(run: _Run, name: str, out_dir: Path, work: Path, prefix: str = ""
         handler.close()
 
 
-def _mark_failed(work: Path, out_dir: Path, rank: int) -> None:
+def _mark_failed(work: Path, out_dir: Path, rank: int, why: str) -> None:
+    """FAILED in the work folder says `failed` or `interrupted` (a driver resubmits only the latter)."""
     if rank == 0:
-        (work / "FAILED").write_text(str(time.time()))
+        (work / "FAILED").write_text(f"{why} {time.time()}\n")
         shutil.rmtree(out_dir, ignore_errors=True)  # nothing half-written stays in the registry
 
 
