@@ -77,6 +77,13 @@ def cmd_plan(args) -> int:
     for item in items:
         if item.memory != "-":  # prepared data: streamed, nothing to estimate
             print(f"  {item.name:<{width}}  {item.memory}")
+    from posttrain.execution.driver import placement
+
+    header, where = placement(loaded, executor_settings(args, loaded))
+    print(header + (":" if where else ""))
+    for item in items:
+        if item.name in where and item.status not in ("cached", "select"):
+            print(f"  {item.name:<{width}}  {where[item.name]}")
     return 0
 
 
@@ -491,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--verbose", "-v", action="store_true",
                             help="stream every library's output to the console (by default it goes to each "
                                  "stage's log, and the console shows one line per stage)")
-    recipe_verb("plan", cmd_plan, "show what would run, what is cached, and why")
+    plan_parser = recipe_verb("plan", cmd_plan, "show what would run, what is cached, and why")
+    plan_parser.add_argument("--executor", choices=["local", "slurm"], help="as for run: where stages would run")
+    plan_parser.add_argument("--slots", type=int, default=None, help="as for run: local stages at once")
     validate = recipe_verb("validate", cmd_validate, "check a recipe and report every error at once (no side effects)")
     validate.add_argument("--data", type=int, nargs="?", const=200, default=0, metavar="ROWS",
                           help="also read ROWS rows (default 200) of every data source and report per source "

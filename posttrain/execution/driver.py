@@ -258,3 +258,28 @@ def executor_options(launch: Launch) -> str:
     if launch.executor == "local":
         options += ["--slots", str(launch.slots)]
     return " ".join(shlex.quote(o) for o in options)
+
+
+def placement(loaded: LoadedRecipe, launch: Launch) -> tuple[str, dict[str, str]]:
+    """For `plan`: the executor in one line, and where each stage that would be a job runs."""
+    if launch.executor == "local" and launch.slots == 1:
+        return "executor: local, one stage at a time in this process (--slots N: N at once, each a job)", {}
+    if launch.executor == "local":
+        gpus = f", {launch.gpus_per_slot} GPU{'s' if launch.gpus_per_slot > 1 else ''} each" if launch.gpus_per_slot else ""
+        header = f"executor: local, {launch.slots} slots{gpus}"
+    else:
+        header = f"executor: slurm through submitit ({launch.slurm.cluster})"
+    where = {}
+    for name in loaded.order:
+        kind = loaded.stages[name].kind
+        if kind == "select":
+            continue
+        own = launch.for_kind(kind)
+        place = "a slot"
+        if launch.executor == "slurm":
+            slurm = own.slurm
+            gpus = f"{slurm.nodes} node(s) x {slurm.gpus_per_node} GPU" if slurm.gpus_per_node else f"{slurm.nodes} node(s), no GPU"
+            place = f"{slurm.partition or 'default partition'}, {gpus}, time {slurm.time}"
+        processes = stage_processes(loaded, name, launch)
+        where[name] = place + (f"; a launch of {processes} processes" if processes > 1 else "")
+    return header, where

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,10 @@ class SubmititSlurm:
 
     def __init__(self, folder: Path, settings_for, cluster: str = "slurm"):
         self.folder, self.settings_for, self.cluster = folder, settings_for, cluster
+        _submitit()
+        if cluster == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+            raise UserError("launch.executor slurm: sbatch/srun are not on PATH here (run the driver on a Slurm "
+                            "login node; launch.slurm.cluster: local tries the same jobs on this machine)")
 
     def free(self) -> bool:
         return True  # the cluster queues what it cannot start
@@ -113,7 +118,7 @@ class SubmititSlurm:
         submitit = _submitit()
         settings: SlurmSettings = self.settings_for(spec.kind)
         folder = self.folder / spec.key  # submitit names its files by job id
-        executor = submitit.AutoExecutor(folder=folder, cluster=None if self.cluster == "slurm" else self.cluster)
+        executor = submitit.AutoExecutor(folder=folder, cluster=self.cluster)  # never guessed: no silent fallback
         if executor.cluster == "slurm":
             parameters = sbatch_parameters(settings, f"posttrain:{spec.stage}")
             # What the job runs, readable in its script and first in its log.

@@ -147,6 +147,12 @@ def load_recipe_text(text: str, path: Path, profile: str | None = None, override
                 for name in gate_stages(gate):
                     if name not in stages:
                         report(("gates", i), f"gate {gate.name!r} reads stage {name!r}, which is not in the recipe")
+    launch_kinds = (data.get("launch") or {}).get("kinds") if isinstance(data.get("launch"), dict) else None
+    if isinstance(launch_kinds, dict):  # read raw: said even when other launch settings are wrong too
+        runnable = set(known_kinds()) | {"prepare_data"}  # a select step is no job: nothing to launch
+        for kind in launch_kinds:
+            if str(kind) not in runnable:
+                report(("launch", "kinds", kind), f"unknown stage kind {kind!r}{_suggest(kind, sorted(runnable))}")
     if problems:
         raise RecipeError(sorted(problems, key=lambda p: (p.file != shown, p.line or 0)))
     assert recipe is not None
