@@ -229,27 +229,15 @@ def _build_one(args, loaded) -> int:
 
 def _drive(args, loaded, launch) -> int:
     """Every stage a job: `slots` local subprocesses, or Slurm jobs through submitit."""
-    from posttrain.execution.driver import Driver, JobOptions, executor_options
-    from posttrain.runner import check_run_gates, open_registry
+    from posttrain.execution.driver import JobOptions, executor_options, run_as_jobs
+    from posttrain.runner import open_registry
 
     registry = open_registry(loaded, args.registry)
-    if launch.executor == "slurm":
-        from posttrain.execution.slurm import SubmititSlurm
-
-        folder = Path(launch.slurm.folder) if launch.slurm.folder else registry.root / "jobs"
-        folder = folder if folder.is_absolute() else loaded.dir / folder
-        transport = SubmititSlurm(folder, lambda kind: launch.for_kind(kind).slurm, launch.slurm.cluster)
-    else:
-        from posttrain.execution.local import LocalSlots
-
-        transport = LocalSlots(launch.slots, launch.gpus_per_slot)
-    options = JobOptions(launcher=args.launcher, verbose=args.verbose)
     started = time.time()
-    print(f"recipe {loaded.ref_namespace}  registry {registry.root}  executor {transport.describe('sft')}", flush=True)
-    driver = Driver(loaded, registry, transport, launch, options, echo=lambda line: print(line, flush=True))
     resume = f"{loaded.command()} {executor_options(launch)}"
     try:
-        result = driver.run()
+        result = run_as_jobs(loaded, registry, launch, JobOptions(launcher=args.launcher, verbose=args.verbose),
+                             echo=lambda line: print(line, flush=True))
     except KeyboardInterrupt:
         print(f"\nposttrain: interrupted; work so far is kept. Resume with: {resume}", file=sys.stderr)
         return 130
@@ -264,7 +252,6 @@ def _drive(args, loaded, launch) -> int:
             print(f"posttrain: not started, as they need a failed stage: {', '.join(result.blocked)}", file=sys.stderr)
         print(f"  resume with: {resume}", file=sys.stderr)
         return 1
-    check_run_gates(result)
     return _print_gates(result)
 
 

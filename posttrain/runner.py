@@ -206,10 +206,21 @@ def run(
     registry: str | Path | Registry | None = None,
     echo=print,
     quiet: bool = False,
+    executor: str | None = None,
+    slots: int | None = None,
 ) -> RunResult:
-    """Run every stage of a recipe that is not already in the registry. Python API of `posttrain run`."""
+    """Run every stage of a recipe that is not already in the registry. Python API of `posttrain run`.
+
+    `executor` / `slots` override the recipe's `launch:`; with more than one slot, or `slurm`, every
+    stage is a job (see `posttrain.execution`) and `result.failed` names stages that failed."""
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe, profile, list(overrides))
     reg = registry if isinstance(registry, Registry) else open_registry(loaded, registry)
+    update = {k: v for k, v in (("executor", executor), ("slots", slots)) if v is not None}
+    launch = type(loaded.recipe.launch).model_validate({**loaded.recipe.launch.model_dump(), **update})
+    if launch.executor == "slurm" or launch.slots > 1:
+        from posttrain.execution.driver import run_as_jobs
+
+        return run_as_jobs(loaded, reg, launch, echo=echo)
     rank, world = rank_info()
     cache = FingerprintCache(reg.root / "cache" / "fingerprints.json")
     chooser = Chooser(loaded, reg)
@@ -217,12 +228,13 @@ def run(
     result = RunResult(loaded, reg, selections=chooser.chosen)
     context = _Run(loaded, reg, keys, result, rank, world, echo, quiet)
     total = len(loaded.order)
+    width = max([14, *map(len, loaded.order)])  # sweep candidates' names are long: keep the columns
     for index, name in enumerate(loaded.order, 1):
         item = loaded.stages[name]
         if name not in keys:  # after a selection: its eval has run by now
             keys.update(compute_keys(loaded, cache, chooser))
         key = keys[name].key
-        prefix = f"[{index}/{total}] {name:<14} {item.kind:<14}"
+        prefix = f"[{index:>{len(str(total))}}/{total}] {name:<{width}} {item.kind:<14}"
         if item.kind == "select":
             result.entries[name] = result.entries[chooser.chosen[name]["chosen"]]
             if rank == 0:

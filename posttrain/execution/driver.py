@@ -283,3 +283,30 @@ def placement(loaded: LoadedRecipe, launch: Launch) -> tuple[str, dict[str, str]
         processes = stage_processes(loaded, name, launch)
         where[name] = place + (f"; a launch of {processes} processes" if processes > 1 else "")
     return header, where
+
+
+def transport_for(loaded: LoadedRecipe, reg: Registry, launch: Launch) -> Transport:
+    """The executor `launch` names: local slots, or submitit (Slurm, or its local backend)."""
+    if launch.executor == "slurm":
+        from posttrain.execution.slurm import SubmititSlurm
+
+        folder = Path(launch.slurm.folder) if launch.slurm.folder else reg.root / "jobs"
+        folder = folder if folder.is_absolute() else loaded.dir / folder
+        return SubmititSlurm(folder, lambda kind: launch.for_kind(kind).slurm, launch.slurm.cluster)
+    from posttrain.execution.local import LocalSlots
+
+    return LocalSlots(launch.slots, launch.gpus_per_slot)
+
+
+def run_as_jobs(loaded: LoadedRecipe, reg: Registry, launch: Launch, options: JobOptions | None = None,
+                echo: Callable[[str], Any] = print) -> RunResult:
+    """Every stage a job on the executor `launch` names; the recipe's gates checked when nothing failed.
+    `result.failed` / `result.blocked` say what did not get built."""
+    from posttrain.runner import check_run_gates
+
+    transport = transport_for(loaded, reg, launch)
+    echo(f"recipe {loaded.ref_namespace}  registry {reg.root}  executor {transport.describe('sft')}")
+    result = Driver(loaded, reg, transport, launch, options or JobOptions(), echo=echo).run()
+    if not result.failed:
+        check_run_gates(result)
+    return result

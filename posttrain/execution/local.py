@@ -11,10 +11,17 @@ from pathlib import Path
 from posttrain.execution.jobs import JobEnd, JobSpec, cpu_threads, python_command
 
 
-# Imported once by the fork server of a driver's local jobs, so that each job starts with them loaded
-# (importing them costs ~9 s of CPU per process on a small machine, more than many tiny stages take).
-# None of them initialises CUDA on import, so a forked job still picks its GPUs.
+# Imported once by the fork server of a driver's local jobs on a machine without GPUs, so that each job
+# starts with them loaded (importing them costs ~9 s of CPU per process on a small machine, more than
+# many tiny stages take).
 PRELOAD = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "safetensors")
+
+
+def has_gpu_devices() -> bool:
+    """Whether this machine has NVIDIA or AMD GPUs. Jobs there start as fresh processes: a library that
+    touched the GPU driver while the fork server imported it would leave forked jobs unable to use
+    CUDA, and next to a GPU stage's hours the import time does not matter."""
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd"))
 
 
 def _job_main(argv: list[str], env: dict[str, str], log_path: str, threads: int) -> None:
@@ -80,7 +87,7 @@ class LocalSlots:
         self.slots, self.gpus_per_slot = slots, gpus_per_slot
         self.running: dict[int, LocalJob] = {}
         self._context = None
-        if warm and "fork" in multiprocessing.get_all_start_methods():
+        if warm and "fork" in multiprocessing.get_all_start_methods() and not has_gpu_devices():
             self._context = multiprocessing.get_context("forkserver")
             self._context.set_forkserver_preload(list(PRELOAD))
 
