@@ -184,8 +184,6 @@ def cmd_run(args) -> int:
     if not getattr(args, "stage", None) and (launch.executor == "slurm" or launch.slots > 1):
         return _drive(args, loaded, launch)
     if getattr(args, "launcher", None):
-        import subprocess
-
         command = launch_command(args, loaded.recipe.launch, loaded.dir)
         print("launching:", " ".join(command), flush=True)
         return run_launched(command, launch_options(args))
@@ -372,12 +370,15 @@ def cmd_verify(args) -> int:
 
 
 def cmd_gc(args) -> int:
+    from posttrain.execution.jobs import job_folders, remove_job_folder
+
     registry = _registry_for(args)
-    garbage = registry.garbage(include_work=args.include_work)
+    job_logs = job_folders(registry, include_unbuilt=args.include_work)
+    garbage = registry.garbage(include_work=args.include_work) + job_logs
     total = sum(_size(p) for p in garbage)
     for path in garbage:
         size = _human(_size(path))
-        if args.yes and not registry.remove(path):
+        if args.yes and not (remove_job_folder(registry, path) if path in job_logs else registry.remove(path)):
             print(f"kept {path.relative_to(registry.root)}: a running build uses it")
             continue
         print(f"{'removing' if args.yes else 'would remove'} {path.relative_to(registry.root)} ({size})")

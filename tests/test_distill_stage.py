@@ -388,7 +388,7 @@ def test_gradient_accumulation_weighs_tokens_not_micro_batches(tmp_path):
     grab = capture(teacher="peaked", k=16)
     grab["data"] = {"sources": [{"path": str(data)}], "max_length": 512}
     teacher = confident_teacher(tmp_path / "peaked-teacher")
-    deltas, trained_positions = {}, {}
+    deltas = {}
     base = load_file(TINY_MODEL / "model.safetensors")
     for name, batch, accumulation in (("one_batch", 2, 1), ("accumulated", 1, 2)):
         stages = {"capture": grab, "distill": {"kind": "distill", "model": "base", "teacher_logits": "capture",

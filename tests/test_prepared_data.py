@@ -18,7 +18,6 @@ import yaml
 
 import posttrain
 from conftest import ROOT, TINY_MODEL, cli, write_recipe
-from posttrain.errors import UserError
 
 TRAIN = ROOT / "data" / "sft" / "tiny_chat_train.jsonl"
 WORDS = "the of and to in a is that for it as with was on be by this are from at or an which".split()

@@ -2,8 +2,6 @@
 selection takes the best (or top k) on, and what follows is keyed by the chosen entries alone."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import yaml
 

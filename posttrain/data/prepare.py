@@ -276,7 +276,7 @@ def _tokenizer(path: str):
 def tokenize_chunk(group: str, work_dir: str, number: int, start: int, end: int, settings: dict[str, Any]
                    ) -> dict[str, Any]:
     """Tokenise mixture positions [start, end) into `tokens-<group>-<number>.arrow`; return the counts."""
-    import pyarrow as pa
+    import pyarrow as pa  # noqa: F401 - unused; kept, as deleting a code line changes stage keys
 
     work = Path(work_dir)
     rows_at = _RowReader(work, group)

@@ -97,3 +97,29 @@ def cpu_threads(slots: int) -> str:
     """Threads per job when `slots` jobs share this machine's cores (oversubscribed BLAS threads are
     slower than fewer)."""
     return str(max(1, (os.cpu_count() or 1) // slots))
+
+
+def job_folders(reg, include_unbuilt: bool = False) -> list[Path]:
+    """What `gc` may remove of `<registry>/jobs/`: the job scripts and logs of built entries (and, on
+    request, of unbuilt ones), never those of an entry a live process is building.
+
+    Kept beside the registry store rather than in it: stage keys cover the registry code that merges
+    run, and cleaning job logs changes no stage's output."""
+    jobs = reg.root / "jobs"
+    if not jobs.is_dir():
+        return []
+    return [path for path in sorted(jobs.iterdir())
+            if len(path.name) == 64 and not reg.is_building(path.name)
+            and (include_unbuilt or reg.entry_dir(path.name).exists())]
+
+
+def remove_job_folder(reg, path: Path) -> bool:
+    """Remove one folder `job_folders` listed, under its key's lock (False: a build started meanwhile)."""
+    import shutil
+
+    from posttrain.registry.locking import lock_if_free
+
+    with lock_if_free(reg.root / "locks" / f"{path.name}.lock") as free:
+        if free:
+            shutil.rmtree(path, ignore_errors=True)
+        return free

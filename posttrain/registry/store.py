@@ -283,7 +283,7 @@ class Registry:
         """Remove one item `garbage` listed; a build folder or work folder only while no live process
         builds its key (checked under the key's lock). Returns whether it was removed."""
         key = path.name.split(".")[0]
-        if path.parent.name in ("tmp", "work", "jobs") and len(key) == 64:
+        if path.parent.name in ("tmp", "work") and len(key) == 64:
             with lock_if_free(safe_child(self._dir("locks"), check_key(key) + ".lock")) as free:
                 if not free:
                     return False
@@ -312,11 +312,6 @@ class Registry:
                     continue
                 # A work folder of an unfinished entry is what a re-run resumes from: only on request.
                 if include_work or (self.entry_dir(path.name).exists() if len(path.name) == 64 else True):
-                    found.append(path)
-        jobs = self._dir("jobs")  # job scripts and logs of executors: kept while their entry is unbuilt
-        if jobs.is_dir():
-            for path in sorted(jobs.iterdir()):
-                if not self._live(path.name) and (include_work or self.entry_dir(path.name).exists()):
                     found.append(path)
         return found
 

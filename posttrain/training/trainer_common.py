@@ -9,7 +9,7 @@ from typing import Any
 
 from posttrain.context import StageContext
 from posttrain.errors import UserError
-from posttrain.training.sharding import is_fsdp, refuse_silent_fallback, sharded
+from posttrain.training.sharding import is_fsdp, refuse_silent_fallback, sharded  # noqa: F401 - kept: deleting changes stage keys
 from posttrain.training.checkpoints import last_complete_checkpoint, mean_train_loss, processes_that_wrote, no_final_checkpoint, progress_to
 
 
