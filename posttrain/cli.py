@@ -231,8 +231,18 @@ def _drive(args, loaded, launch) -> int:
     from posttrain.runner import open_registry
 
     registry = open_registry(loaded, args.registry)
+    own = {}  # --nproc / --accelerate-config: the training stages' own launch inside their jobs
+    if args.nproc:
+        own["num_processes"] = args.nproc
+    if args.accelerate_config:
+        if not Path(args.accelerate_config).is_file():
+            raise UserError(f"accelerate config not found: {args.accelerate_config}")
+        own["accelerate_config"] = str(Path(args.accelerate_config).resolve())
+    launch = type(launch).model_validate({**launch.model_dump(exclude_unset=True), **own}) if own else launch
     started = time.time()
     resume = f"{loaded.command()} {executor_options(launch)}"
+    if args.launcher:
+        resume += f" {launch_options(args)}"
     try:
         result = run_as_jobs(loaded, registry, launch, JobOptions(launcher=args.launcher, verbose=args.verbose),
                              echo=lambda line: print(line, flush=True))

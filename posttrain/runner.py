@@ -216,7 +216,7 @@ def run(
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe, profile, list(overrides))
     reg = registry if isinstance(registry, Registry) else open_registry(loaded, registry)
     update = {k: v for k, v in (("executor", executor), ("slots", slots)) if v is not None}
-    launch = type(loaded.recipe.launch).model_validate({**loaded.recipe.launch.model_dump(), **update})
+    launch = type(loaded.recipe.launch).model_validate({**loaded.recipe.launch.model_dump(exclude_unset=True), **update})
     if launch.executor == "slurm" or launch.slots > 1:
         from posttrain.execution.driver import run_as_jobs
 

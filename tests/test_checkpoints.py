@@ -1,6 +1,8 @@
 """Resume only from a checkpoint the Trainer finished writing."""
 from __future__ import annotations
 
+import pytest
+
 from posttrain.training.checkpoints import last_complete_checkpoint
 
 
@@ -14,6 +16,7 @@ def test_cut_short_checkpoints_are_skipped(tmp_path):
     assert last_complete_checkpoint(tmp_path / "missing") is None
 
 
+@pytest.mark.slow
 def test_no_in_stage_checkpoint_at_the_last_step():
     """The entry is saved right after training: a checkpoint at max_steps only costs a full optimizer
     state on disk (4x the training time of a 30-step 1B run on an H100) and, resumed from, an extra step."""

@@ -45,6 +45,7 @@ def test_pins_record_their_environment():
     assert set(library_versions()) <= set(recorded)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_ci_recipe_passes_its_gates_and_keeps_its_trajectories(recipe, shared_registry, monkeypatch,
                                                                pinned_kernels_available):

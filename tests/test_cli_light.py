@@ -1,6 +1,8 @@
 """The quick verbs must not import heavy libraries: that is what keeps them under 2 s (see bench/)."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
@@ -24,6 +26,7 @@ def heavy_modules(*args: str) -> list[str]:
     return json.loads(out.stdout.rsplit("HEAVY=", 1)[1])
 
 
+@pytest.mark.slow
 def test_quick_verbs_import_no_heavy_library(tmp_path, registry_dir):
     recipe = two_stage_recipe(tmp_path)
     posttrain.run(recipe)
@@ -42,6 +45,7 @@ def test_help_and_schema(tmp_path):
     assert schema["$defs"]["stage_count"]["additionalProperties"] is False
 
 
+@pytest.mark.slow
 def test_a_run_prints_one_line_per_stage_and_keeps_library_output_in_the_stage_logs(tmp_path):
     """On a non-terminal: stage lines, a closing table and gates; tqdm bars and trainer dicts go to logs."""
     import subprocess

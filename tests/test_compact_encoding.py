@@ -85,6 +85,7 @@ def _decode_all(blocks_data, bounds, tables, lengths, k):
     return compact.decode(blocks, np.asarray(lengths), compact.decode_tables(tables), k)
 
 
+@pytest.mark.slow
 def test_compact_keeps_every_id_and_quantises_values_to_a_hundredth_of_a_nat():
     ids, values = teacher(300, 64)
     lengths = [1, 120, 7, 172]

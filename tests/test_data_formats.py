@@ -31,6 +31,7 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(folder)
 
 
+@pytest.mark.slow
 def test_every_format_gives_the_same_token_ids(tokenizer):
     from posttrain.data.tokens import tokenize_row
 
@@ -41,6 +42,7 @@ def test_every_format_gives_the_same_token_ids(tokenizer):
         assert got == reference, name
 
 
+@pytest.mark.slow
 def test_labels_are_masked_exactly_outside_assistant_content(tokenizer):
     from posttrain.data.tokens import IGNORE, tokenize_row
 
@@ -58,6 +60,7 @@ def test_labels_are_masked_exactly_outside_assistant_content(tokenizer):
     assert all(l == t for t, l in zip(ids, labels) if l != IGNORE)
 
 
+@pytest.mark.slow
 def test_plain_text_is_trained_whole_and_ends_with_eos(tokenizer):
     from posttrain.data.tokens import tokenize_row
 
@@ -65,6 +68,7 @@ def test_plain_text_is_trained_whole_and_ends_with_eos(tokenizer):
     assert labels == ids and ids[-1] == tokenizer.eos_token_id
 
 
+@pytest.mark.slow
 def test_overlong_rows_are_truncated_and_flagged(tokenizer):
     from posttrain.data.tokens import tokenize_row
 
@@ -133,6 +137,7 @@ def test_mixture_weights_and_caps_are_deterministic(tmp_path):
     assert len(doubled) == 20
 
 
+@pytest.mark.slow
 def test_columns_mapping_and_csv_and_parquet(tmp_path):
     import datasets
 

@@ -103,6 +103,7 @@ def test_hash_collisions_never_remove_a_row(monkeypatch):
     assert index.find("so: " + LONG_QUESTION) is not None
 
 
+@pytest.mark.slow
 def test_sft_stage_writes_removed_jsonl_and_its_key_covers_the_references(tmp_path):
     ref = reference(tmp_path)
     data = write_rows(tmp_path, {**PLANTED, **NEAR_MISSES, "more": chat("Hello there", "Hi")})
@@ -136,6 +137,7 @@ def test_sft_stage_writes_removed_jsonl_and_its_key_covers_the_references(tmp_pa
     assert "sft" in plan.stdout and "contents of data.decontaminate.files.0 changed" in plan.stdout
 
 
+@pytest.mark.slow
 def test_local_lm_eval_tasks_are_references(tmp_path):
     config = DataConfig(sources=[{"path": str(ROOT / "data" / "sft" / "tiny_chat_train.jsonl")}],
                         decontaminate={"tasks": ["tiny_arith_gen"], "task_dirs": [str(ROOT / "data" / "eval" / "tasks")]})
@@ -157,6 +159,7 @@ def test_worker_processes_find_the_same_rows_in_the_same_order():
     assert one == two and sum(hit for _, hit in one) == len(range(0, 300, 7))
 
 
+@pytest.mark.slow
 def test_unreachable_benchmarks_are_one_clear_error(tmp_path):
     config = DataConfig(sources=[{"path": str(ROOT / "data" / "sft" / "tiny_chat_train.jsonl")}],
                         decontaminate={"tasks": ["mmlu"]})

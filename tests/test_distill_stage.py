@@ -39,6 +39,7 @@ def teacher_logp(model_dir, input_ids):
         return torch.log_softmax(model(torch.tensor([input_ids])).logits[0].float(), -1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoding,tolerance", [("fp16", 0.01), ("q8", 1 / 32 + 1e-4), ("q12", 1 / 256 + 1e-4),
                                                ("compact", 1 / 52 + 1e-4)])
 def test_stored_values_equal_the_teachers_log_softmax(tmp_path, encoding, tolerance):
@@ -61,6 +62,7 @@ def test_stored_values_equal_the_teachers_log_softmax(tmp_path, encoding, tolera
     assert metrics["shards"] == 3 and metrics["bytes_per_token"] > 0
 
 
+@pytest.mark.slow
 def test_self_distillation_starts_at_zero_loss_so_positions_are_aligned(tmp_path):
     stages = {"capture": capture(k=1024),  # k = V: the whole distribution
               "distill": {"kind": "distill", "model": "base", "teacher_logits": "capture",
@@ -72,6 +74,7 @@ def test_self_distillation_starts_at_zero_loss_so_positions_are_aligned(tmp_path
     assert first <= 1e-6
 
 
+@pytest.mark.slow
 def test_distilled_student_is_closer_to_the_teacher_than_sft_on_the_same_tokens(tmp_path):
     steps = {"max_steps": 40, **TRAIN_ARGS}
     sft_data = {"sources": [{"path": str(TRAIN)}], "max_length": 96}
@@ -106,6 +109,7 @@ def test_distilled_student_is_closer_to_the_teacher_than_sft_on_the_same_tokens(
     assert result.metrics("student_kd")["steps"] == result.metrics("student_sft")["steps"] == 40
 
 
+@pytest.mark.slow
 def test_mismatched_tokenizer_is_one_clear_error(tmp_path, capsys):
     other = tmp_path / "other-model"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), "--out", str(other),
@@ -122,6 +126,7 @@ def test_mismatched_tokenizer_is_one_clear_error(tmp_path, capsys):
     assert "teacher vocab size 1024 > student's 900" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_corrupt_shard_is_one_clear_error(tmp_path, capsys):
     stages = {"capture": capture(k=8),
               "distill": {"kind": "distill", "model": "base", "teacher_logits": "capture", "training": {"max_steps": 1}}}
@@ -148,6 +153,7 @@ def test_corrupt_shard_is_one_clear_error(tmp_path, capsys):
     assert f"teacher-logit shard {shard}" in err and "NaN or infinite" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoding", ["fp16", "compact"])
 def test_capture_resumes_shard_by_shard(tmp_path, encoding):
     """A shard finished before an interruption is reused; the rest are captured."""
@@ -216,6 +222,7 @@ def write_arcee_parquet(path, rows) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
+@pytest.mark.slow
 def test_arcee_layout_with_raw_logits_trains_with_the_renormalised_loss(tmp_path, capsys):
     data = tmp_path / "logits.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in arcee_rows(16, double_bos=False, chat=False)))
@@ -273,6 +280,7 @@ def test_arcee_rows_not_starting_with_the_students_bos_are_refused(tmp_path, cap
         capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_python_api(tmp_path, registry_dir):
     path = posttrain.capture_logits(teacher=TINY_MODEL, data=TRAIN, chat_template="llama-3.1", k=8)
     assert (path / "index.json").is_file()
@@ -281,6 +289,7 @@ def test_python_api(tmp_path, registry_dir):
     assert (student / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_packed_rows_give_the_same_loss_as_separate_sequences(tmp_path):
     """Block-diagonal attention from restarting position ids: packing changes nothing but the batching."""
     from transformers import AutoModelForCausalLM
@@ -313,6 +322,7 @@ def test_packed_rows_give_the_same_loss_as_separate_sequences(tmp_path):
     torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_packed_distillation_trains(tmp_path):
     stages = {"capture": capture(k=16),
               "distill": {"kind": "distill", "model": "base", "teacher_logits": "capture", "packing": True,
@@ -321,6 +331,7 @@ def test_packed_distillation_trains(tmp_path):
     assert metrics["steps"] == 3 and metrics["packed_rows"] < metrics["sequences"]
 
 
+@pytest.mark.slow
 def test_sampled_targets_are_an_empirical_distribution_that_trains(tmp_path):
     from posttrain.kd.shards import read_index, read_shard
 
@@ -352,6 +363,7 @@ def confident_teacher(folder):
     return folder
 
 
+@pytest.mark.slow
 def test_q10_capture_of_a_confident_teacher_keeps_its_tail_and_sums_to_at_most_one(tmp_path):
     from posttrain.kd.losses import sparse_kd
     from posttrain.kd.shards import read_index, read_shard
@@ -375,6 +387,7 @@ def test_q10_capture_of_a_confident_teacher_keeps_its_tail_and_sums_to_at_most_o
     assert torch.isfinite(own).all() and own.max() < 2e-3 and own.min() > -1e-6
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_weighs_tokens_not_micro_batches(tmp_path):
     """GA = 2 over two sequences of unequal length gives the gradient of one batch holding both."""
     from safetensors.torch import load_file
@@ -420,6 +433,7 @@ def test_shards_are_bounded_in_bytes(tmp_path):
     assert all(f.stat().st_size <= budget + 96 * per_position + 4096 for f in files)  # + one sequence + header
 
 
+@pytest.mark.slow
 def test_vllm_backend_run_against_a_stand_in_vllm_built_from_the_hf_model_matches_the_hf_backend(tmp_path, monkeypatch):
     """The capture stage's `backend: vllm` path, end to end against tests/fakes/vllm (vLLM's offline API
     answered by the transformers model): same shards as the HF backend, ids identical, values within
@@ -467,6 +481,7 @@ def test_the_vllm_backend_refuses_what_vllm_cannot_give(tmp_path):
         load_recipe(recipe_with(tmp_path, {"c": capture(backend="vllm", mode="sampled")}))
 
 
+@pytest.mark.slow
 def test_compact_capture_with_mass_distills_with_no_extra_settings(tmp_path):
     from posttrain.kd.shards import read_index
 

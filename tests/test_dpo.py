@@ -62,6 +62,7 @@ def trained(tmp_path_factory):
         del os.environ["POSTTRAIN_REGISTRY"]
 
 
+@pytest.mark.slow
 def test_preference_accuracy_and_margin_rise(trained):
     metrics = trained.metrics("dpo")
     margins = [p["value"] for p in metrics["rewards_margins"]]
@@ -74,11 +75,13 @@ def test_preference_accuracy_and_margin_rise(trained):
     assert metrics["reference"] == "policy input" and metrics["precomputed_reference"] is True
 
 
+@pytest.mark.slow
 def test_heldout_chosen_logp_rises_relative_to_rejected(trained):
     before, after = heldout_margin(trained.path("base")), heldout_margin(trained.path("dpo"))
     assert after > before + 1.0, (before, after)
 
 
+@pytest.mark.slow
 def test_stored_reference_logps_equal_an_independent_computation(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,6 +103,7 @@ def test_stored_reference_logps_equal_an_independent_computation(trained):
         assert ref["ref_rejected_logps"] == pytest.approx(sequence_logp(model, tok, row["prompt"], row["rejected"]), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_sft_lora_then_dpo_runs_with_no_manual_step(tmp_path):
     recipe = dpo_recipe(tmp_path, steps=4, model="sft", lora={"r": 4, "alpha": 8})
     body = yaml.safe_load(recipe.read_text())
@@ -120,6 +124,7 @@ def test_sft_lora_then_dpo_runs_with_no_manual_step(tmp_path):
     AutoModelForCausalLM.from_pretrained(result.path("dpo"))
 
 
+@pytest.mark.slow
 def test_named_reference_model_is_used(tmp_path):
     recipe = dpo_recipe(tmp_path, steps=2, ref_model="base", model="base", precompute_ref_log_probs=False)
     result = posttrain.run(recipe)
@@ -128,6 +133,7 @@ def test_named_reference_model_is_used(tmp_path):
         result.entries["base"].key
 
 
+@pytest.mark.slow
 def test_python_api(tmp_path, registry_dir):
     path = posttrain.dpo(model=TINY_MODEL, data=PREFS, chat_template="llama-3.1", beta=0.2, max_steps=2,
                          per_device_train_batch_size=8)
@@ -189,6 +195,7 @@ def test_bad_preference_rows(case, tmp_path):
         load_preferences(DataConfig(sources=[{"path": str(data)}]), tmp_path, 0)
 
 
+@pytest.mark.slow
 def test_killed_dpo_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

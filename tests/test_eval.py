@@ -1,6 +1,8 @@
 """The eval stage: lm-eval on local tasks offline, built-in metrics, stable numbers, keys that follow inputs."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import yaml
@@ -24,6 +26,7 @@ def eval_recipe(folder, **extra):
     return write_recipe(folder, yaml.safe_dump(body, sort_keys=False))
 
 
+@pytest.mark.slow
 def test_local_eval_gives_the_same_numbers_twice_and_stores_them(tmp_path, monkeypatch):
     first_dir, second_dir = tmp_path / "one", tmp_path / "two"
     first_dir.mkdir(), second_dir.mkdir()
@@ -51,6 +54,7 @@ def test_eval_key_covers_the_evaluated_entries(tmp_path, capsys):
     assert "run" in line and "input models.0 (base) changed" in line
 
 
+@pytest.mark.slow
 def test_unknown_task_is_one_clear_error(tmp_path, capsys):
     assert main(["run", str(eval_recipe(tmp_path, tasks=["no_such_task_xyz"]))]) == 2
     err = capsys.readouterr().err

@@ -53,6 +53,7 @@ def built(registry: Path) -> dict[str, dict]:
     return {ref.split("/", 1)[1]: reg.load(key).manifest for ref, key in reg.refs().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", [EXECUTORS["local slots"]], ids=["local slots"])
 def test_candidates_run_at_once_and_build_what_the_sequential_run_builds(tmp_path, registry_dir, executor):
     recipe = sweep_recipe(tmp_path)
@@ -84,6 +85,7 @@ def test_candidates_run_at_once_and_build_what_the_sequential_run_builds(tmp_pat
     assert " running " not in again.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", [EXECUTORS["local slots"]], ids=["local slots"])
 def test_a_failing_candidate_stops_only_what_needs_it(tmp_path, registry_dir, executor):
     recipe = sweep_recipe(tmp_path, steps=2, sleep=0.05)
@@ -101,6 +103,7 @@ def test_a_failing_candidate_stops_only_what_needs_it(tmp_path, registry_dir, ex
     assert "2 ran, 4 cached" in again.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", EXECUTORS.values(), ids=EXECUTORS.keys())
 def test_a_job_killed_mid_stage_is_resubmitted_and_resumes(tmp_path, registry_dir, executor):
     recipe = write_recipe(tmp_path, f"""
@@ -132,6 +135,7 @@ def test_a_job_killed_mid_stage_is_resubmitted_and_resumes(tmp_path, registry_di
     assert built(registry_dir)["long"]["metrics"]["steps"] == 40
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_local_jobs_which_keep_their_work(tmp_path, registry_dir):
     recipe = write_recipe(tmp_path, f"""
         name: stopped
@@ -159,6 +163,7 @@ def test_ctrl_c_stops_the_local_jobs_which_keep_their_work(tmp_path, registry_di
     assert int(count_runs(registry_dir)[-1].split("start=")[1]) >= 3
 
 
+@pytest.mark.slow
 def test_two_drivers_on_one_registry_build_each_entry_once(tmp_path, registry_dir):
     recipe = sweep_recipe(tmp_path, steps=6, sleep=0.2)
     drivers = [subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe), "--slots", "2"],
@@ -260,6 +265,11 @@ def test_the_slurm_job_script_carries_the_recipes_resources_and_the_inner_launch
     text = script.read_text()
     assert "#SBATCH --nodes=1" in text and "--gpus-per-node" not in text and "#SBATCH --time=240" in text
     assert "#SBATCH --partition=h100" in text and "#SBATCH --account=arcee" in text
+    # Overridden from the command line or the Python API (here: --nproc 4), the kinds' own settings hold.
+    again = type(launch).model_validate({**launch.model_dump(exclude_unset=True), "num_processes": 4})
+    assert "--launcher" not in job_command(loaded, reg, "soup", key, again, JobOptions())
+    assert job_command(loaded, reg, "sft", key, again, JobOptions())[-4:-2] == ["--nproc", "2"]  # 4 over 2 nodes
+    assert again.for_kind("merge").slurm.time == "04:00:00" and again.for_kind("sft").slurm.gpus_per_node == 8
 
 
 def test_a_multi_node_stage_tells_each_launcher_its_node(tmp_path):
@@ -287,6 +297,7 @@ def test_slurm_without_slurm_is_one_clear_line(tmp_path, monkeypatch):
         "node; launch.slurm.cluster: local tries the same jobs on this machine)"]
 
 
+@pytest.mark.slow
 def test_a_job_refuses_a_key_that_changed_since_it_was_submitted(tmp_path, registry_dir):
     recipe = sweep_recipe(tmp_path)
     assert cli("run", str(recipe), "--stage", "base").returncode == 0

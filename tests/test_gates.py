@@ -1,10 +1,13 @@
 """Quality gates: checked after a run; a failing gate fails the command with exit code 3."""
 from __future__ import annotations
 
+import pytest
+
 from conftest import cli, two_stage_recipe
 from posttrain.cli import main
 
 
+@pytest.mark.slow
 def test_passing_and_failing_gates(tmp_path):
     recipe = two_stage_recipe(tmp_path)
     recipe.write_text(recipe.read_text() + """gates:

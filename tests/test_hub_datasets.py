@@ -176,6 +176,7 @@ def sft_recipe(folder, name: str, sources: list[str], data: str = "", training: 
         """, name=f"{name}.yaml")
 
 
+@pytest.mark.slow
 def test_sft_stage_records_per_source_counts_and_warns_when_a_source_loses_rows(hub, tmp_path):
     recipe = sft_recipe(tmp_path, "counts", [f'{{hub: {hub["mlabonne/orca-agentinstruct-1M-v1-cleaned"]}}}',
                                              f'{{hub: {hub["Team-ACE/ToolACE"]}}}'],
@@ -195,6 +196,7 @@ def test_sft_stage_records_per_source_counts_and_warns_when_a_source_loses_rows(
     assert "## Data sources" in text and "content is empty (2)" in text
 
 
+@pytest.mark.slow
 def test_validate_data_reports_what_each_source_would_give(hub, tmp_path):
     recipe = sft_recipe(tmp_path, "peek", [
         f'{{hub: {hub["mlabonne/orca-agentinstruct-1M-v1-cleaned"]}}}',

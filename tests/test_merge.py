@@ -57,6 +57,7 @@ def linear(tmp_path_factory):
         del os.environ["POSTTRAIN_REGISTRY"]
 
 
+@pytest.mark.slow
 def test_linear_merge_is_the_weighted_average(linear):
     result, _ = linear
     a, b, merged = weights(result.path("a")), weights(result.path("b")), weights(result.path("merged"))
@@ -65,6 +66,7 @@ def test_linear_merge_is_the_weighted_average(linear):
         torch.testing.assert_close(merged[name], 0.3 * a[name] + 0.7 * b[name], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merge", [LINEAR, TIES, DARE], ids=["linear", "ties", "dare_ties"])
 def test_merge_equals_mergekit_yaml_bitwise(linear, merge, tmp_path):
     result, folder = linear
@@ -93,6 +95,7 @@ def test_merge_equals_mergekit_yaml_bitwise(linear, merge, tmp_path):
         assert torch.equal(theirs[name], mine[name]), name
 
 
+@pytest.mark.slow
 def test_merged_model_loads_chats_and_stops_at_eot(linear):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,6 +128,7 @@ def test_merge_errors_are_mapped_to_recipe_keys(tmp_path, capsys):
     assert "stages.merged.models.0.model: refers to 'zz'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_warm_validate_reuses_the_merge_check_without_importing_mergekit(tmp_path, monkeypatch):
     import subprocess
     import sys

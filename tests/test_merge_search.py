@@ -156,6 +156,7 @@ def test_variants_may_change_a_merges_method_and_models(tmp_path):
     assert [p.metric for p in select.parts] == ["heldout/loss", "preference/accuracy"]
 
 
+@pytest.mark.slow
 def test_the_flagship_searches_16_merges_offline_and_the_tiny_profile_8():
     plan = cli("plan", str(FLAGSHIP))
     assert plan.returncode == 0, plan.stderr

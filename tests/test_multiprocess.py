@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 import posttrain
@@ -20,6 +21,7 @@ def recipe(folder, per_device_batch):
     return write_recipe(folder, yaml.safe_dump(body, sort_keys=False), name=f"r{per_device_batch}.yaml")
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, registry_dir):
     launched = cli("run", str(recipe(tmp_path, 8)), "--launcher", "torchrun", "--nproc", "2", timeout=600)
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]

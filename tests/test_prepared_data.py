@@ -48,6 +48,7 @@ def data_entries(registry: Path) -> list[Path]:
     return [p.parent for p in registry.glob("entries/*/prepared.json")]
 
 
+@pytest.mark.slow
 def test_two_sft_stages_on_the_same_data_build_one_prepared_entry(tmp_path, registry_dir):
     result = posttrain.run(sft_recipe(tmp_path, {"sft_a": sft(3e-3), "sft_b": sft(1e-3)}))
     assert result.entries["sft_a.data"].key == result.entries["sft_b.data"].key
@@ -86,6 +87,7 @@ def test_prepared_data_follows_the_tokenizer_not_the_weights(tmp_path):
     assert one["dpo.data"].key != other_template["dpo.data"].key
 
 
+@pytest.mark.slow
 def test_prepared_order_and_tokens_equal_the_in_memory_loader(tmp_path, monkeypatch):
     """Weights, max_samples, the shuffles and the held-out split give the rows the old in-memory path
     gave, token for token, whether this process or worker processes tokenise."""
@@ -140,6 +142,7 @@ def test_training_reads_the_prepared_files_memory_mapped(tmp_path):
         np.asarray(train.data.column("label_tokens")).sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row,message", [
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
      "row 3: field messages.1.content: "),
@@ -155,6 +158,7 @@ def test_bad_rows_still_name_file_row_and_field(tmp_path, row, message):
     assert "on_bad_rows: skip" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_kill_during_preparation_leaves_no_entry_and_a_rerun_completes(tmp_path, registry_dir):
     data = chat_rows(tmp_path / "many.jsonl", 20000)
     recipe = sft_recipe(tmp_path, {"sft": sft(data={"sources": [{"path": str(data)}], "max_length": 128,

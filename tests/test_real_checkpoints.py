@@ -58,6 +58,7 @@ def pipeline(hub_base, tmp_path_factory):
     return posttrain.run(recipe, registry=folder / "registry", echo=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_real_tokenizer_renders_like_the_official_template_with_right_masks(hub_base):
     from transformers import AutoTokenizer
 
@@ -79,6 +80,7 @@ def test_real_tokenizer_renders_like_the_official_template_with_right_masks(hub_
     assert tokenizer.decode([t for t, l in zip(ids, labels) if l != IGNORE]) == "5<|eot_id|>It is 2.<|eot_id|>"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["base", "sft", "dpo"])
 def test_every_entry_ends_turns_with_eot_and_reads_like_a_hub_folder(pipeline, stage):
     from transformers import AutoTokenizer, GenerationConfig
@@ -104,6 +106,7 @@ def test_every_entry_ends_turns_with_eot_and_reads_like_a_hub_folder(pipeline, s
     assert set(reference) - set(config) <= {"transformers_version"}, set(reference) - set(config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["base", "dpo"])
 def test_llama_cpp_vocab_reader_sees_the_vocabulary_eos_and_template(pipeline, stage):
     from gguf.vocab import BpeVocab, SpecialVocab
@@ -115,6 +118,7 @@ def test_llama_cpp_vocab_reader_sees_the_vocabulary_eos_and_template(pipeline, s
     assert "<|start_header_id|>" in special.chat_template
 
 
+@pytest.mark.slow
 def test_training_keeps_fp32_master_weights_and_stores_bf16(pipeline, hub_base):
     from safetensors import safe_open
 
@@ -128,12 +132,14 @@ def test_training_keeps_fp32_master_weights_and_stores_bf16(pipeline, hub_base):
         assert {str(handle.get_tensor(name).dtype) for name in handle.keys()} == {"torch.bfloat16"}
 
 
+@pytest.mark.slow
 def test_capture_metadata_records_the_real_vocabulary_and_eot(pipeline):
     index = json.loads((pipeline.path("capture") / "index.json").read_text())
     assert index["vocab_size"] == 128256 and index["id_bits"] == 17
     assert index["special_tokens"]["eos"] == EOT
 
 
+@pytest.mark.slow
 def test_base_entry_shares_no_bytes_with_the_users_folder(pipeline, hub_base):
     entry = pipeline.path("base")
     for name in ("model.safetensors", "tokenizer.json"):
@@ -160,6 +166,7 @@ def test_a_link_leaving_the_model_folder_is_refused(hub_base, tmp_path):
         copy_model_folder(folder, tmp_path / "out2")
 
 
+@pytest.mark.slow
 def test_capture_names_its_teacher_stage(pipeline):
     index = json.loads((pipeline.path("capture") / "index.json").read_text())
     assert index["teacher"] == "real/sft"
@@ -187,6 +194,7 @@ def test_validate_refuses_a_template_whose_end_of_turn_the_tokenizer_lacks(tmp_p
     assert "recipe.yaml:4: base.chat_template: template 'llama-3.1' ends turns with '<|eot_id|>'" in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_plan_labels_the_base_with_its_own_dtype(tmp_path):
     from conftest import TINY_MODEL, cli
 

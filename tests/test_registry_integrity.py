@@ -24,6 +24,7 @@ def _visible(registry_dir):
     return ls, verify
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stage_leaves_nothing_partial_and_rerun_resumes(tmp_path, registry_dir):
     recipe = two_stage_recipe(tmp_path, one_steps=40, sleep=0.1)
     proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe)],
@@ -53,6 +54,7 @@ def test_sigkill_mid_stage_leaves_nothing_partial_and_rerun_resumes(tmp_path, re
     assert cli("verify", "--registry", str(registry_dir)).returncode == 0
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_with_a_resume_command(tmp_path, registry_dir):
     recipe = two_stage_recipe(tmp_path, one_steps=200, sleep=0.05)
     proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe)],
@@ -68,6 +70,7 @@ def test_sigterm_stops_cleanly_with_a_resume_command(tmp_path, registry_dir):
     assert len(Registry(registry_dir).keys()) == 1  # base only; the interrupted stage left no entry
 
 
+@pytest.mark.slow
 def test_two_processes_build_each_entry_once(tmp_path, registry_dir):
     recipe = two_stage_recipe(tmp_path, one_steps=10, sleep=0.05)
     procs = [subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe)],
@@ -147,6 +150,7 @@ def test_show_prints_lineage_back_to_the_base(tmp_path, registry_dir):
     assert missing.returncode == 2 and "no ref 'pair/nope'" in missing.stderr
 
 
+@pytest.mark.slow
 def test_a_failing_stage_names_itself_and_the_resume_command(tmp_path, registry_dir):
     recipe = two_stage_recipe(tmp_path)
     os.environ["COUNT_FAIL"] = "1"

@@ -1,6 +1,8 @@
 """Where the registry lives, and hub-id base models (resolved through a local Hugging Face cache)."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import shutil
 
@@ -42,6 +44,7 @@ def fake_hub_cache(home, repo_id: str, commit: str):
     return snapshot
 
 
+@pytest.mark.slow
 def test_hub_id_base_records_the_resolved_revision(tmp_path, monkeypatch, registry_dir):
     commit = "0123456789abcdef0123456789abcdef01234567"
     fake_hub_cache(tmp_path / "hf", "PrimeIntellect/INTELLECT-1", commit)
@@ -60,6 +63,7 @@ def test_hub_id_base_records_the_resolved_revision(tmp_path, monkeypatch, regist
     assert (entry / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_unreachable_hub_model_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -34,6 +34,7 @@ def wait_for(condition, timeout: float = 60) -> None:
 
 # -- 1. gc during a run -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_gc_during_a_run_leaves_the_running_build_alone(tmp_path, registry_dir):
     recipe = two_stage_recipe(tmp_path, one_steps=30, sleep=0.1)
     run = start_run(recipe)
@@ -149,6 +150,7 @@ def test_a_damaged_capture_index_is_one_clear_error(tmp_path, damage):
         read_index(tmp_path)
 
 
+@pytest.mark.slow
 def test_no_training_samples_left_names_the_sources(tmp_path):
     result = posttrain_run_expecting_failure(tmp_path, max_length=4)
     assert "no training samples left after dropping over-long rows from" in result and "tiny_chat_train.jsonl" in result
@@ -171,6 +173,7 @@ def posttrain_run_expecting_failure(tmp_path: Path, max_length: int) -> str:
 
 # -- 6. signals ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_quick_interrupts_still_stop_cleanly_with_exit_130(tmp_path, registry_dir):
     run = start_run(two_stage_recipe(tmp_path, one_steps=200, sleep=0.05))
     wait_for(lambda: list(registry_dir.glob("work/*/progress.json")))
@@ -244,6 +247,7 @@ def test_a_task_file_with_function_tags_fails_validate_with_its_line(tmp_path):
 
 # -- 10. a change to the code that produces an entry changes its key ------------------------------------
 
+@pytest.mark.slow
 def test_a_change_to_a_module_a_stage_runs_changes_its_key_and_nothing_else_does(tmp_path):
     from posttrain.code_fingerprint import code_fingerprint, module_closure
 
@@ -303,6 +307,7 @@ def _plan_keys(package_root: Path) -> dict[str, str]:
     return keys
 
 
+@pytest.mark.slow
 def test_plan_keys_survive_an_upgrade_that_changes_no_output(tmp_path):
     """The key policy (posttrain/code_fingerprint.py): docstrings and comments anywhere, the package
     version, error messages and a new built-in kind change no key; a change to a body a stage runs

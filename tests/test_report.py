@@ -1,6 +1,8 @@
 """`posttrain report`: the metrics table with deltas, Markdown/HTML, and PNGs that contain the curves."""
 from __future__ import annotations
 
+import pytest
+
 import numpy as np
 import yaml
 
@@ -29,6 +31,7 @@ def colored_pixels(png, rgb, tolerance=0.08) -> int:
     return int((np.abs(image - np.array(rgb)).max(-1) < tolerance).sum())
 
 
+@pytest.mark.slow
 def test_report_table_files_and_curves(tmp_path, registry_dir):
     recipe = pipeline(tmp_path)
     posttrain.run(recipe)
@@ -48,6 +51,7 @@ def test_report_table_files_and_curves(tmp_path, registry_dir):
     assert colored_pixels(out / "lineage.png", (0.859, 0.914, 0.965)) > 500  # node boxes
 
 
+@pytest.mark.slow
 def test_report_on_a_ref_follows_its_lineage(tmp_path, registry_dir):
     posttrain.run(pipeline(tmp_path))
     out = tmp_path / "ref-out"

@@ -39,6 +39,7 @@ def trained(tmp_path_factory):
         del os.environ["POSTTRAIN_REGISTRY"]
 
 
+@pytest.mark.slow
 def test_loss_falls_and_eval_loss_falls(trained):
     metrics = trained.metrics("sft")
     losses = [p["value"] for p in metrics["loss"]]
@@ -52,6 +53,7 @@ def test_loss_falls_and_eval_loss_falls(trained):
     assert metrics["gradient_checkpointing"] is False  # trl's default of True is not applied silently
 
 
+@pytest.mark.slow
 def test_output_loads_chats_in_llama31_format_and_stops_at_eot(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -84,6 +86,7 @@ def test_training_key_typo_is_a_validation_error(tmp_path, capsys):
     assert "stages.sft.training.output_dir: set by posttrain" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lora_output_is_a_full_model_differing_only_in_adapted_modules(tmp_path):
     from safetensors.torch import load_file
 
@@ -98,6 +101,7 @@ def test_lora_output_is_a_full_model_differing_only_in_adapted_modules(tmp_path)
     assert result.metrics("sft")["lora"] is True
 
 
+@pytest.mark.slow
 def test_sft_lora_output_feeds_the_next_stage_like_any_checkpoint(tmp_path):
     recipe = sft_recipe(tmp_path, steps=4, lora=True)
     recipe.write_text(recipe.read_text() + f"""
@@ -112,6 +116,7 @@ def test_sft_lora_output_feeds_the_next_stage_like_any_checkpoint(tmp_path):
     assert result.metrics("sft2")["steps"] == 2
 
 
+@pytest.mark.slow
 def test_killed_sft_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -140,6 +145,7 @@ def test_killed_sft_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypat
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["packing", "padding_free"])
 def test_packing_and_padding_free_train_and_report_no_padding(tmp_path, mode):
     import yaml
@@ -198,6 +204,7 @@ def test_editing_the_data_file_reruns_sft_and_nothing_else(tmp_path, capsys):
     assert "contents of data.sources.0.path changed" in out and "2 of 3 stages would run" in out
 
 
+@pytest.mark.slow
 def test_eval_from_a_named_heldout_file(tmp_path):
     import yaml
 

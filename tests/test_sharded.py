@@ -54,6 +54,7 @@ def losses(metrics: dict) -> list[float]:
     return [p["value"] for p in metrics["loss"]]
 
 
+@pytest.mark.slow
 def test_fsdp2_on_two_cpu_processes_shards_and_matches_one_process(tmp_path, registry_dir):
     launched = cli("run", str(every_trainer(tmp_path, "two", batch=2)), *FSDP, timeout=900)
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
@@ -85,6 +86,7 @@ def sft_only(folder, steps_total: int = 16) -> Path:
     return write_recipe(folder, yaml.safe_dump(body, sort_keys=False))
 
 
+@pytest.mark.slow
 def test_a_killed_sharded_run_resumes_from_its_sharded_checkpoint_to_the_same_weights(tmp_path, monkeypatch):
     reference_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     reference_dir.mkdir(), killed_dir.mkdir()
@@ -127,6 +129,7 @@ def lora_and_distill(folder, name: str, batch: int) -> Path:
     return write_recipe(folder, yaml.safe_dump(body, sort_keys=False), name=f"{name}.yaml")
 
 
+@pytest.mark.slow
 def test_lora_and_distill_under_ddp_match_one_process(tmp_path, registry_dir):
     launched = cli("run", str(lora_and_distill(tmp_path, "two", 2)), "--launcher", "torchrun", "--nproc", "2",
                    timeout=600)
@@ -142,6 +145,7 @@ def test_lora_and_distill_under_ddp_match_one_process(tmp_path, registry_dir):
     assert not any("lora" in name for name in merged)  # merged into a plain folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("asked_in", ["accelerate config", "stage training"])
 def test_fsdp1_on_cpu_processes_is_refused_instead_of_running_as_ddp(tmp_path, registry_dir, asked_in):
     recipe = sft_only(tmp_path)

@@ -17,6 +17,7 @@ def test_shipped_recipe_validates(path):
         load_recipe(path, profile=profile, deep=True)
 
 
+@pytest.mark.slow
 def test_flagship_plan_works_offline_with_memory_estimates(registry_dir):
     from conftest import cli
 
@@ -31,6 +32,7 @@ def test_flagship_plan_works_offline_with_memory_estimates(registry_dir):
     assert not registry_dir.exists() or not any(registry_dir.glob("entries/*"))  # nothing downloaded or built
 
 
+@pytest.mark.slow
 def test_quickstart_runs_base_sft_dpo(tmp_path):
     import posttrain
 

@@ -47,6 +47,7 @@ def test_a_grid_and_variants_expand_into_labelled_candidates():
     assert clash[0][0] == "training.seed=1,seed=2"
 
 
+@pytest.mark.slow
 def test_the_flagship_plan_lists_its_candidates_offline():
     plan = cli("plan", str(ROOT / "recipes" / "intellect1_instruct.yaml"))
     assert plan.returncode == 0, plan.stderr
@@ -107,6 +108,7 @@ def test_ties_keep_the_sweep_order():
     assert rank_candidates({"a": 1.0, "b": 2.0, "c": 2.0}, "max") == ["b", "c", "a"]
 
 
+@pytest.mark.slow
 def test_select_best_and_top_k_then_a_losing_candidate_changes_nothing_downstream(tmp_path, registry_dir):
     first = posttrain.run(recipe(tmp_path))
     strong, weak = "sft[learning_rate=0.003]", "sft[learning_rate=1e-09]"
@@ -150,6 +152,7 @@ def test_gates_take_the_mean_of_a_sweeps_candidates(tmp_path):
     assert metric_value("eval/soup/heldout/loss", entries) == 2.2
 
 
+@pytest.mark.slow
 def test_a_merge_weight_search_is_a_sweep_of_the_merge_ranked_by_a_dev_eval(tmp_path):
     """Each weight trial is its own cached entry; max_candidates is the budget; best_of takes the winner."""
     path = recipe(tmp_path, extra_stages={

@@ -118,7 +118,7 @@ class Driver:
                     if not any(t.state in ACTIVE for t in self.tracks.values()):
                         break
                 time.sleep(self.poll_seconds)
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, or an error of the driver's own (e.g. a selection it cannot make)
             self._stop_jobs()
             raise
         for track in self.tracks.values():
