@@ -57,9 +57,10 @@ def overlapping(stages: dict[str, dict]) -> int:
     return sum(1 for (a, (s1, e1)), (b, (s2, e2)) in itertools.combinations(spans.items(), 2) if s1 < e2 and s2 < e1)
 
 
-def flagship() -> None:
+def flagship(keep: Path | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        one, two = Path(tmp) / "inline", Path(tmp) / "slots2"
+        where = keep or Path(tmp)
+        one, two = where / "inline", where / "slots2"
         t_inline, _ = posttrain("run", str(FLAGSHIP), "--profile", "tiny", "--registry", str(one))
         t_slots, _ = posttrain("run", str(FLAGSHIP), "--profile", "tiny", "--registry", str(two), "--slots", "2")
         a, b = built(one), built(two)
@@ -100,11 +101,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chain", type=int, default=8)
     parser.add_argument("--skip-flagship", action="store_true")
+    parser.add_argument("--keep", type=Path, help="keep the flagship's two registries in this folder (inline/, "
+                                                  "slots2/), e.g. for tests/test_executors.py's flagship test")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores")
     chain(args.chain)
     if not args.skip_flagship:
-        flagship()
+        flagship(args.keep)
 
 
 if __name__ == "__main__":

@@ -329,19 +329,18 @@ def test_launch_settings_are_validated_where_they_are_written(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_tiny_flagship_in_two_slots_builds_what_the_sequential_run_builds(tmp_path, registry_dir):
+def test_the_tiny_flagship_in_two_slots_builds_what_the_sequential_run_builds(tmp_path):
     """The README's main job with `--slots 2`: every stage's key (so its lineage) and every selection
-    equal to the one-stage-at-a-time run's. CI has just made that run (.ci/run passes its registry as
-    POSTTRAIN_FLAGSHIP_REGISTRY); elsewhere this test makes it first."""
+    equal to the one-stage-at-a-time run's, with sweep candidates running at once. CI makes both runs
+    before the tests (.ci/run passes their registries); run by hand, this test makes them itself."""
     flagship = ROOT / "recipes" / "intellect1_instruct.yaml"
     sequential = Path(os.environ.get("POSTTRAIN_FLAGSHIP_REGISTRY") or tmp_path / "sequential")
-    if not (sequential / "refs").is_dir():
-        inline = cli("run", str(flagship), "--profile", "tiny", "--registry", str(sequential), timeout=900)
-        assert inline.returncode == 0, inline.stdout[-3000:] + inline.stderr[-3000:]
-    parallel = cli("run", str(flagship), "--profile", "tiny", "--slots", "2", timeout=900)
-    assert parallel.returncode == 0, parallel.stdout[-3000:] + parallel.stderr[-3000:]
-    assert "gate FAIL" not in parallel.stdout and "gate PASS" in parallel.stdout
-    jobs, one_by_one = built(registry_dir), built(sequential)
+    slots = Path(os.environ.get("POSTTRAIN_FLAGSHIP_SLOTS_REGISTRY") or tmp_path / "slots")
+    for registry, extra in ((sequential, ()), (slots, ("--slots", "2"))):
+        if not (registry / "refs").is_dir():
+            done = cli("run", str(flagship), "--profile", "tiny", "--registry", str(registry), *extra, timeout=900)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]  # gates included
+    jobs, one_by_one = built(slots), built(sequential)
     assert set(jobs) == set(one_by_one) and len(jobs) > 30
     assert {n: m["key"] for n, m in jobs.items()} == {n: m["key"] for n, m in one_by_one.items()}
 
@@ -351,3 +350,5 @@ def test_the_tiny_flagship_in_two_slots_builds_what_the_sequential_run_builds(tm
     assert choices(jobs) == choices(one_by_one)
     spans = [(m["timings"]["started"], m["timings"]["finished"]) for n, m in jobs.items() if n.startswith("sft[")]
     assert any(s1 < e2 and s2 < e1 for (s1, e1), (s2, e2) in itertools.combinations(spans, 2))
+    # Built by jobs: each entry's log names the `--stage` command that built it.
+    assert all("--stage" in " ".join(m["host"]["argv"]) for n, m in jobs.items() if n.startswith("sft["))
