@@ -352,3 +352,57 @@ def test_the_tiny_flagship_in_two_slots_builds_what_the_sequential_run_builds(tm
     assert any(s1 < e2 and s2 < e1 for (s1, e1), (s2, e2) in itertools.combinations(spans, 2))
     # Built by jobs: each entry's log names the `--stage` command that built it.
     assert all("--stage" in " ".join(m["host"]["argv"]) for n, m in jobs.items() if n.startswith("sft["))
+
+
+class _SynchronousTransport:
+    """Builds each job in this process when the driver first polls it: the entry is committed just
+    before the driver learns that the job ended (what a fast job looks like to a driver that polls)."""
+
+    name = "synchronous"
+
+    def __init__(self):
+        self.count = 0
+
+    def free(self) -> bool:
+        return True
+
+    def submit(self, spec):
+        from posttrain.cli import main
+        from posttrain.execution.jobs import JobEnd
+
+        self.count += 1
+
+        class Job:
+            job_id = str(self.count)
+
+            def started(self) -> bool:
+                return True
+
+            def poll(self):
+                return JobEnd(main(spec.argv[3:]), "FINISHED")  # after `python -m posttrain.cli`
+
+            def stop(self) -> None:
+                pass
+
+        return Job()
+
+    def describe(self, kind: str) -> str:
+        return "synchronous"
+
+    def keeps_running_without_driver(self) -> bool:
+        return False
+
+
+@pytest.mark.slow
+def test_a_selection_resolves_when_its_eval_is_the_last_job_to_end(tmp_path, registry_dir):
+    from test_sweeps import recipe as sweep_sft_recipe
+
+    from posttrain.execution.driver import Driver, JobOptions
+
+    loaded = load_recipe(sweep_sft_recipe(tmp_path))
+    lines: list[str] = []
+    result = Driver(loaded, Registry(registry_dir), _SynchronousTransport(), loaded.recipe.launch, JobOptions(),
+                    echo=lines.append, poll_seconds=0).run()
+    assert not result.failed and not result.blocked, "\n".join(lines)
+    assert result.selections["sft.best"]["chosen"] == "sft[learning_rate=0.003]"
+    assert {"more", "soup"} <= set(result.ran)

@@ -109,12 +109,10 @@ class Driver:
     def run(self) -> RunResult:
         try:
             while True:
-                if any(name not in self.keys for name, t in self.tracks.items() if t.state == "waiting"):
-                    self.keys.update(compute_keys(self.loaded, self.cache, self.chooser))
                 self._start_what_can()
                 self._watch()
                 if not any(t.state in ACTIVE for t in self.tracks.values()):
-                    self._start_what_can()  # what the last round finished may have freed
+                    self._start_what_can()  # what the last round finished may have freed (an eval: a selection)
                     if not any(t.state in ACTIVE for t in self.tracks.values()):
                         break
                 time.sleep(self.poll_seconds)
@@ -130,6 +128,8 @@ class Driver:
         return self.result
 
     def _start_what_can(self) -> None:
+        if any(name not in self.keys for name, t in self.tracks.items() if t.state == "waiting"):
+            self.keys.update(compute_keys(self.loaded, self.cache, self.chooser))  # selections whose evals are in
         building = {t.key for t in self.tracks.values() if t.state in ACTIVE}
         for name in self.loaded.order:
             track = self.tracks[name]

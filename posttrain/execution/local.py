@@ -44,7 +44,7 @@ def _job_main(argv: list[str], env: dict[str, str], log_path: str, threads: int)
         code = exc.code if isinstance(exc.code, int) else 1
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    sys.exit(code)  # multiprocessing ends the child with this code after running its finalizers
 
 
 class LocalJob:
