@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -37,6 +38,12 @@ def sweep_recipe(folder: Path, steps: int = 6, sleep: float = 0.25) -> Path:
           on_boom: {{kind: count, model: "cand[label=boom]", steps: 1, label: on_boom}}
           on_x: {{kind: count, model: "cand[label=x]", steps: 1, label: on_x}}
         """)
+
+
+def count_recipe(folder: Path, name: str, body: str) -> Path:
+    """A recipe of test `count` stages over the tiny model: `body` is everything after `base:`."""
+    header = f"name: {name}\nbase: {{model: {TINY_MODEL}, chat_template: llama-3.1}}\n"
+    return write_recipe(folder, header + textwrap.dedent(body).lstrip())
 
 
 def drive(recipe: Path, executor: list[str], env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -106,12 +113,10 @@ def test_a_failing_candidate_stops_only_what_needs_it(tmp_path, registry_dir, ex
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", EXECUTORS.values(), ids=EXECUTORS.keys())
 def test_a_job_killed_mid_stage_is_resubmitted_and_resumes(tmp_path, registry_dir, executor):
-    recipe = write_recipe(tmp_path, f"""
-        name: killed
-        base: {{model: {TINY_MODEL}, chat_template: llama-3.1}}
+    recipe = count_recipe(tmp_path, "killed", """
         stages:
-          long: {{kind: count, steps: 40, sleep: 0.1, label: long}}
-          after: {{kind: count, model: long, steps: 1, label: after}}
+          long: {kind: count, steps: 40, sleep: 0.1, label: long}
+          after: {kind: count, model: long, steps: 1, label: after}
         """)
     overrides = [a for a in executor if "=" in a]
     driver = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe), *overrides,
@@ -137,11 +142,9 @@ def test_a_job_killed_mid_stage_is_resubmitted_and_resumes(tmp_path, registry_di
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_local_jobs_which_keep_their_work(tmp_path, registry_dir):
-    recipe = write_recipe(tmp_path, f"""
-        name: stopped
-        base: {{model: {TINY_MODEL}, chat_template: llama-3.1}}
+    recipe = count_recipe(tmp_path, "stopped", """
         stages:
-          long: {{kind: count, steps: 40, sleep: 0.1, label: long}}
+          long: {kind: count, steps: 40, sleep: 0.1, label: long}
         """)
     driver = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe), "--slots", "2"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -177,15 +180,13 @@ def test_two_drivers_on_one_registry_build_each_entry_once(tmp_path, registry_di
 
 
 def test_plan_says_where_each_stage_runs(tmp_path):
-    recipe = write_recipe(tmp_path, f"""
-        name: where
-        base: {{model: {TINY_MODEL}, chat_template: llama-3.1}}
+    recipe = count_recipe(tmp_path, "where", """
         launch:
           executor: local
           slots: 4
           gpus_per_slot: 2
         stages:
-          a: {{kind: count, steps: 1}}
+          a: {kind: count, steps: 1}
         """)
     shown = cli("plan", str(recipe))
     assert shown.returncode == 0, shown.stderr
@@ -310,16 +311,14 @@ def test_a_job_refuses_a_key_that_changed_since_it_was_submitted(tmp_path, regis
 
 
 def test_launch_settings_are_validated_where_they_are_written(tmp_path):
-    recipe = write_recipe(tmp_path, f"""
-        name: bad
-        base: {{model: {TINY_MODEL}, chat_template: llama-3.1}}
+    recipe = count_recipe(tmp_path, "bad", """
         launch:
           executor: kubernetes
-          slurm: {{time: soon, gpu_per_node: 8}}
+          slurm: {time: soon, gpu_per_node: 8}
           kinds:
-            merg: {{num_processes: 1}}
+            merg: {num_processes: 1}
         stages:
-          a: {{kind: count}}
+          a: {kind: count}
         """)
     done = cli("validate", str(recipe))
     assert done.returncode == 2
