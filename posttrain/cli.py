@@ -439,6 +439,27 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from posttrain.publish.export import export_model
+
+    registry = _registry_for(args)
+    exported = export_model(registry, args.ref, Path(args.folder), dtype=args.dtype, force=args.force)
+    print(f"exported {args.ref} ({exported.key[:12]}) to {exported.folder}: {len(exported.files)} files, "
+          f"weights {exported.dtype or 'in mixed dtypes'}, {len(exported.evaluations)} evaluation(s) in the card")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from posttrain.publish.push import push_model
+
+    registry = _registry_for(args)
+    pushed = push_model(registry, args.ref, args.repo_id, revision=args.revision, private=args.private,
+                        overwrite=args.overwrite, dtype=args.dtype)
+    print(f"pushed {args.ref} ({pushed.key[:12]}) to {pushed.repo_id} on {pushed.revision!r}: "
+          f"{len(pushed.files)} files" + (f"\n  {pushed.url}" if pushed.url else ""))
+    return 0
+
+
 def cmd_schema(args) -> int:
     from posttrain.schema import recipe_schema
 
@@ -519,6 +540,22 @@ def build_parser() -> argparse.ArgumentParser:
     gc = registry_verb("gc", cmd_gc, "remove entries no ref reaches and leftovers of killed runs (dry run unless --yes)")
     gc.add_argument("--yes", action="store_true", help="really delete")
     gc.add_argument("--include-work", action="store_true", help="also delete work folders of interrupted runs")
+    export = registry_verb("export", cmd_export, "write a model entry as a Hub-style folder: weights, tokenizer "
+                           "with template, generation config, and a model card with lineage, metrics and recipe")
+    export.add_argument("ref", metavar="REF|KEY", help="recipe/stage ref or key (prefix) of a model entry")
+    export.add_argument("folder", metavar="DIR", help="the folder to write (must not exist or be empty)")
+    export.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                        help="cast the weights (default: the dtype the entry stores, that of its base model)")
+    export.add_argument("--force", action="store_true", help="replace DIR if it holds files")
+    push = registry_verb("push", cmd_push, "export a model entry and upload it to the Hugging Face Hub "
+                         "(token from `hf auth login` or HF_TOKEN)")
+    push.add_argument("ref", metavar="REF|KEY", help="recipe/stage ref or key (prefix) of a model entry")
+    push.add_argument("repo_id", metavar="ORG/NAME", help="the Hub repository (created if missing)")
+    push.add_argument("--revision", help="branch to push to (created if missing; default main)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--overwrite", action="store_true",
+                      help="replace what the repository already holds on that branch")
+    push.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="as for export")
     report = sub.add_parser("report", help="metrics table, loss curves and lineage graph (Markdown + HTML)",
                             description="metrics table (stages as columns, deltas against base), loss curves "
                                         "per training stage and the lineage graph, as Markdown and HTML")

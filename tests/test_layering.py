@@ -21,7 +21,7 @@ FLOORS = [
     ("stage bodies", ["posttrain.training"]),
     ("stage declarations", ["posttrain.stages"]),
     ("recipes", ["posttrain.recipe", "posttrain.keys", "posttrain.memory", "posttrain.schema"]),
-    ("top", ["posttrain.runner", "posttrain.execution", "posttrain.api", "posttrain.report", "posttrain.cli", "posttrain"]),
+    ("top", ["posttrain.runner", "posttrain.execution", "posttrain.publish", "posttrain.api", "posttrain.report", "posttrain.cli", "posttrain"]),
 ]
 
 

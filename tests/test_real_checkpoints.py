@@ -119,6 +119,43 @@ def test_llama_cpp_vocab_reader_sees_the_vocabulary_eos_and_template(pipeline, s
 
 
 @pytest.mark.slow
+def test_an_export_has_the_layout_of_the_hub_llama_3_1_instruct_folder(pipeline, tmp_path):
+    """`posttrain export` of the DPO entry beside the real Llama-3.1-8B-Instruct files: every file the
+    reference has, every key of its config and generation config, the same sampling defaults and EOS
+    ids, the official template's rendering, and a vocabulary llama.cpp's reader takes."""
+    from gguf.vocab import BpeVocab, SpecialVocab
+    from transformers import AutoTokenizer
+
+    from posttrain.publish.export import export_model
+
+    out = tmp_path / "export"
+    export_model(pipeline.registry, pipeline.entries["dpo"].key, out)
+    reference = llama3.reference_file("config.json").parent
+    hub_files = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "README.md"}  # the Hub folder's files besides its weight shards
+    assert {p.name for p in reference.iterdir()} | hub_files <= {p.name for p in out.iterdir()}
+    assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
+    for name in ("config.json", "generation_config.json"):
+        ours, theirs = (json.loads((folder / name).read_text()) for folder in (out, reference))
+        assert set(theirs) - set(ours) <= {"transformers_version"}, (name, set(theirs) - set(ours))
+    generation = json.loads((out / "generation_config.json").read_text())
+    wanted = json.loads((reference / "generation_config.json").read_text())
+    assert {k: generation[k] for k in ("do_sample", "temperature", "top_p", "bos_token_id")} == \
+        {k: wanted[k] for k in ("do_sample", "temperature", "top_p", "bos_token_id")}
+    assert EOT in generation["eos_token_id"]
+    conversation = CONVERSATION[:2]
+    ours = AutoTokenizer.from_pretrained(out).apply_chat_template(conversation, tokenize=False,
+                                                                  add_generation_prompt=True)
+    official = AutoTokenizer.from_pretrained(out)
+    official.chat_template = (reference / "chat_template.jinja").read_text()
+    assert ours == official.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert BpeVocab(out).vocab_size == 128256
+    special = SpecialVocab(out, load_merges=True)
+    assert special.special_token_ids["eos"] == EOT and "<|start_header_id|>" in special.chat_template
+    assert (out / "README.md").read_text().startswith("---\nlibrary_name: transformers")
+
+
+@pytest.mark.slow
 def test_training_keeps_fp32_master_weights_and_stores_bf16(pipeline, hub_base):
     from safetensors import safe_open
 
