@@ -405,6 +405,8 @@ def _run_stage(run: _Run, name: str, out_dir: Path, work: Path, prefix: str = ""
     root.setLevel(min(previous_level, logging.INFO) if previous_level else logging.INFO)
     stage_log.info("stage %s (%s) key %s starting; config: %s", name, item.kind, keys[name].key,
                    json.dumps(item.config.model_dump(mode="json")))
+    if rank == 0:
+        _write_tracking_facts(run, name, inputs, work)
     try:
         with streams_to(work / STAGE_LOG if rank == 0 else work / f"rank{rank}.log", quiet) as console:
             ctx.progress = progress_reporter(console, prefix) if rank == 0 else ctx.progress
@@ -433,6 +435,19 @@ def _run_stage(run: _Run, name: str, out_dir: Path, work: Path, prefix: str = ""
         root.removeHandler(handler)
         root.setLevel(previous_level)
         handler.close()
+
+
+def _write_tracking_facts(run: _Run, name: str, inputs: dict[str, Any], work: Path) -> None:
+    """What experiment trackers label the stage's run with (posttrain/console/trackers.py reads it)."""
+    from posttrain.console import TRACKING_FILE
+
+    loaded, item = run.loaded, run.loaded.stages[name]
+    facts = {"run_name": f"{loaded.ref_namespace}/{name}", "project": loaded.recipe.name,
+             "recipe": loaded.ref_namespace, "recipe_file": str(loaded.path), "profile": loaded.profile,
+             "stage": name, "kind": item.kind, "key": run.keys[name].key,
+             "inputs": {path: {"stage": ref, "key": inputs[path].key} for path, ref in item.inputs.items()},
+             "config": item.config.model_dump(mode="json")}
+    (work / TRACKING_FILE).write_text(json.dumps(facts, indent=2) + "\n")
 
 
 def _mark_failed(work: Path, out_dir: Path, rank: int, why: str) -> None:

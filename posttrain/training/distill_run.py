@@ -11,6 +11,7 @@ from posttrain.context import StageContext
 from posttrain.training.trainer_common import (callbacks, device_defaults, load_chat_tokenizer, logged_series,
                                                save_model_entry, sharded)
 from posttrain.training.trainer_common import train as train_model
+from posttrain.console import tracker_callbacks  # wandb/mlflow/trackio runs named <recipe>/<stage>
 from posttrain.training.distill_data import (LengthLimited, LogitsDatasetSequences, PackedSequences,
                                                  ShardSequences, collate)
 
@@ -145,7 +146,7 @@ def run_distill(config, ctx: StageContext) -> dict[str, Any]:
         data_collator=partial(collate, pad_id=tokenizer.pad_token_id or 0, assistant_only=config.assistant_only),
         distill={"alpha": config.alpha, "loss": config.loss, "temperature": temperature,
                  "chunk_size": config.chunk_size},
-        callbacks=callbacks(ctx),
+        callbacks=callbacks(ctx) + tracker_callbacks(ctx),
     )
     _, run_metrics = train_model(trainer, checkpoints)
     save_model_entry(trainer, tokenizer, ctx, lora=False, checkpoints=checkpoints)

@@ -8,6 +8,7 @@ from posttrain.context import StageContext
 from posttrain.training.trainer_common import (callbacks, device_defaults, load_chat_tokenizer, lora_config,
                                                save_model_entry, sharded)
 from posttrain.training.trainer_common import train as train_model
+from posttrain.console import tracker_callbacks  # wandb/mlflow/trackio runs named <recipe>/<stage>
 from posttrain.training.splits import prepared_datasets
 
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -61,7 +62,7 @@ def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
         **training,
     )
     trainer = sharded(preference_trainer(DPOTrainer))(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
-                         processing_class=tokenizer, peft_config=lora_config(config.lora), callbacks=callbacks(ctx))
+                         processing_class=tokenizer, peft_config=lora_config(config.lora), callbacks=callbacks(ctx) + tracker_callbacks(ctx))
     _, run_metrics = train_model(trainer, checkpoints)
 
     save_model_entry(trainer, tokenizer, ctx, lora=bool(config.lora), checkpoints=checkpoints)

@@ -9,6 +9,7 @@ from posttrain.context import StageContext
 from posttrain.training.trainer_common import (callbacks, device_defaults, load_chat_tokenizer, logged_series,
                                                lora_config, save_model_entry, sharded)
 from posttrain.training.trainer_common import train as train_model
+from posttrain.console import tracker_callbacks  # wandb/mlflow/trackio runs named <recipe>/<stage>
 from posttrain.training.splits import prepared_datasets
 
 
@@ -46,7 +47,7 @@ def run_sft(config, ctx: StageContext) -> dict[str, Any]:
         **training,
     )
     trainer = sharded(SFTTrainer)(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                         processing_class=tokenizer, peft_config=lora_config(config.lora), callbacks=callbacks(ctx))
+                         processing_class=tokenizer, peft_config=lora_config(config.lora), callbacks=callbacks(ctx) + tracker_callbacks(ctx))
     _, run_metrics = train_model(trainer, checkpoints)
     seconds = run_metrics["train_seconds"]
 

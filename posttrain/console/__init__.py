@@ -5,6 +5,11 @@ warnings of transformers, trl, datasets and lm-eval land there), and the stage r
 through `StageContext.progress`; on a terminal that is one live line (step, loss, speed, ETA), in a
 log file (CI) nothing until the stage's closing line. `posttrain run --verbose` leaves the streams
 alone.
+
+Experiment trackers are the other window onto a run: `trackers.py` names and labels the runs that
+transformers' integrations start (`training.report_to`). Like the progress lines, nothing here
+changes what a stage writes, so this package is plumbing that stage keys leave out
+(`code_fingerprint.NEUTRAL`: neither hashed nor followed).
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from posttrain.console.trackers import TRACKING_FILE, tracker_callbacks  # noqa: F401 - the package's API
 from typing import Any, Callable, Iterator
 
 
