@@ -69,3 +69,45 @@ def test_nothing_to_evaluate_is_a_validation_error(tmp_path, capsys):
     recipe = write_recipe(tmp_path, yaml.safe_dump(body))
     assert main(["validate", str(recipe)]) == 2
     assert "stages.eval.tasks: nothing to evaluate" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_vllm_backend_runs_lm_evals_own_vllm_model_and_gives_the_hf_backends_results(tmp_path, monkeypatch):
+    """`backend: vllm` end to end through lm-eval's unchanged `vllm` model, on tests/fakes/vllm (vLLM's
+    offline API answered by the transformers model): log-likelihood and generation tasks give the HF
+    backend's numbers in the same layout, and the tensor-parallel setting reaches vllm.LLM."""
+    import sys
+
+    def forget_vllm():
+        for name in [m for m in sys.modules if m == "vllm" or m.startswith(("vllm.", "lm_eval.models.vllm"))]:
+            del sys.modules[name]
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "fakes"))
+    forget_vllm()
+    import vllm
+
+    tasks = {"kind": "eval", "models": ["base"], "tasks": ["tiny_arith_mc", "tiny_arith_gen"],
+             "task_dirs": [str(TASKS)], "limit": 8}
+    body = {"name": "evaltest", "base": {"model": str(TINY_MODEL), "chat_template": "llama-3.1"},
+            "stages": {"on_hf": tasks, "on_vllm": {**tasks, "backend": "vllm",
+                                                   "vllm": {"tensor_parallel_size": 4, "gpu_memory_utilization": 0.5}}}}
+    result = posttrain.run(write_recipe(tmp_path, yaml.safe_dump(body, sort_keys=False)))
+    hf, served = (result.metrics(stage)["results"]["base"] for stage in ("on_hf", "on_vllm"))
+    assert set(hf) == set(served) == {"tiny_arith_mc/acc", "tiny_arith_gen/exact_match"}
+    for metric in hf:
+        assert served[metric]["value"] == pytest.approx(hf[metric]["value"]), metric
+    assert vllm.created[-1]["tensor_parallel_size"] == 4 and vllm.created[-1]["gpu_memory_utilization"] == 0.5
+    forget_vllm()  # the stand-in must not outlive the test
+
+
+def test_the_vllm_backend_without_tasks_is_a_located_error(tmp_path, capsys):
+    recipe = eval_recipe(tmp_path, tasks=[], task_dirs=[], backend="vllm")
+    assert main(["validate", str(recipe)]) == 2
+    assert "stages.eval.backend: the vllm backend runs lm-eval `tasks`" in capsys.readouterr().err
+
+
+def test_the_vllm_backend_without_vllm_says_how_to_install_it(tmp_path, capsys):
+    recipe = eval_recipe(tmp_path, backend="vllm", perplexity=None, exact_match=None)
+    assert main(["run", str(recipe)]) != 0
+    err = capsys.readouterr().err
+    assert "pip install 'posttrain[vllm]'" in err and "Traceback" not in err

@@ -22,6 +22,14 @@ class ExactMatch(StrictModel):
     max_new_tokens: int = Field(32, gt=0)
 
 
+class EvalVllm(StrictModel):
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs each evaluated model is split over.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, gt=0, description="Default: the model's context length.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Any other argument of lm-eval's vllm "
+                                                                      "model (vllm.LLM arguments included).")
+
+
 class EvalConfig(StageConfig):
     kind: Literal["eval"] = "eval"
     models: list[str] = Field(min_length=1, description="Stages or models to evaluate.")
@@ -30,6 +38,11 @@ class EvalConfig(StageConfig):
     num_fewshot: int | None = Field(None, ge=0)
     limit: int | float | None = Field(None, gt=0, description="Examples per task (for smoke runs).")
     batch_size: int = Field(8, gt=0)
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="How lm-eval runs `tasks`: hf (transformers, the default and the CPU path) or vllm "
+                          "(lm-eval's vllm model, for GPUs; pip install 'posttrain[vllm]'). Same results layout. "
+                          "The built-in metrics run on transformers either way.")
+    vllm: EvalVllm = Field(default_factory=EvalVllm)
     apply_chat_template: bool | Literal["auto"] = Field(
         "auto", description="auto: for post-trained models, not for `kind: model` entries (base models).")
     perplexity: DataConfig | None = Field(None, description="Held-out loss / perplexity on assistant tokens.")
@@ -45,7 +58,8 @@ class EvalStage(Stage):
     version = "1"
     Config = EvalConfig
     produces = "eval"
-    operational_keys = Stage.operational_keys + ("batch_size",)
+    operational_keys = Stage.operational_keys + ("batch_size", "vllm.tensor_parallel_size",
+                                                 "vllm.gpu_memory_utilization")
 
     def inputs(self, config: EvalConfig) -> dict[str, str]:
         refs = {f"models.{i}": name for i, name in enumerate(config.models)}
@@ -83,6 +97,9 @@ class EvalStage(Stage):
             return [("tasks", "nothing to evaluate: give tasks, perplexity, exact_match or preference")]
         if config.kl_to and not config.perplexity:
             return [("kl_to", "kl_to is measured on the perplexity data: give perplexity too")]
+        if config.backend == "vllm" and not config.tasks:
+            return [("backend", "the vllm backend runs lm-eval `tasks`, and there are none (the built-in "
+                                "metrics always run on transformers): give tasks, or leave backend at hf")]
         problems = []
         for i, folder in enumerate(config.task_dirs):
             path = Path(folder).expanduser()

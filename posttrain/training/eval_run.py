@@ -79,8 +79,11 @@ def _lm_eval(path: Path, config, include: Path | None, chat: bool, seed: int) ->
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm = HFLM(pretrained=str(path), device=device, batch_size=config.batch_size, dtype="auto")
+    if config.backend == "vllm":
+        lm = _vllm_model(path, config, seed)
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        lm = HFLM(pretrained=str(path), device=device, batch_size=config.batch_size, dtype="auto")
     manager = TaskManager(include_path=str(include) if include else None)
     try:
         output = simple_evaluate(model=lm, tasks=list(config.tasks), num_fewshot=config.num_fewshot,
@@ -102,6 +105,19 @@ def _lm_eval(path: Path, config, include: Path | None, chat: bool, seed: int) ->
     return found
 
 
+def _vllm_model(path: Path, config, seed: int):
+    """lm-eval's vllm model for the folder: generation and log-likelihood requests batched by vLLM."""
+    try:
+        from lm_eval.models.vllm_causallms import VLLM
+    except ImportError:
+        raise UserError("eval backend: vllm needs vLLM: pip install 'posttrain[vllm]' (on a GPU machine)") from None
+    settings = config.vllm
+    options = {"max_model_len": settings.max_model_len} if settings.max_model_len else {}
+    return VLLM(pretrained=str(path), dtype="auto", batch_size=config.batch_size, seed=seed,
+                tensor_parallel_size=settings.tensor_parallel_size,
+                gpu_memory_utilization=settings.gpu_memory_utilization, **options, **settings.options)
+
+
 def _builtin(path: Path, config, ctx: StageContext, index: int) -> dict[str, Any]:
     """Held-out loss/perplexity (and KL to a teacher), preference accuracy and exact match of model
     `index`, on its prepared data (memory-mapped; rows are read one at a time)."""
@@ -110,11 +126,12 @@ def _builtin(path: Path, config, ctx: StageContext, index: int) -> dict[str, Any
 
     from posttrain.training.prepare_run import check_tokenization
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # one GPU is plenty for these metrics
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     teacher = None
     if config.kl_to:
-        teacher = AutoModelForCausalLM.from_pretrained(ctx.inputs["kl_to"].path, dtype="auto").eval()
+        teacher = AutoModelForCausalLM.from_pretrained(ctx.inputs["kl_to"].path, dtype="auto").eval().to(device)
 
     def rows(what: str):
         """Every prepared row (a held-out split in the eval data's config is evaluated too)."""
@@ -127,12 +144,12 @@ def _builtin(path: Path, config, ctx: StageContext, index: int) -> dict[str, Any
     if config.perplexity:
         total, count, per_row, kl_total = 0.0, 0, [], 0.0
         for row in rows("perplexity"):
-            ids = torch.tensor([row["input_ids"]])
+            ids = torch.tensor([row["input_ids"]], device=device)
             with torch.no_grad():
                 logits = model(ids).logits[0, :-1].float()
                 if teacher is not None:
                     teacher_logp = torch.log_softmax(teacher(ids).logits[0, :-1].float(), -1)
-            targets = torch.tensor(row["labels"][1:])
+            targets = torch.tensor(row["labels"][1:], device=device)
             keep = targets != IGNORE
             losses = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none")
             total += float(losses.sum())
@@ -161,7 +178,8 @@ def _builtin(path: Path, config, ctx: StageContext, index: int) -> dict[str, Any
         for row in rows("exact_match"):
             prompt = row["prompt_ids"]
             with torch.no_grad():
-                out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                out = model.generate(torch.tensor([prompt], device=device),
+                                     attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
                                      max_new_tokens=config.exact_match.max_new_tokens, do_sample=False)
             answer = tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
             hits.append(float(answer == row["answer"]))
@@ -175,7 +193,7 @@ def _logp(model, prompt_ids: list[int], completion_ids: list[int]) -> float:
     """log p(completion | prompt) under `model`, summed over the completion's tokens."""
     import torch
 
-    ids = torch.tensor([prompt_ids + completion_ids])
+    ids = torch.tensor([prompt_ids + completion_ids], device=model.device)
     with torch.no_grad():
         logps = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
     token_logps = logps.gather(1, ids[0, 1:, None])[:, 0]
