@@ -460,6 +460,30 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_recode(args) -> int:
+    """Re-encode a capture folder outside the registry (in a recipe: `kind: recode_logits`)."""
+    import shutil
+    import tempfile
+
+    from posttrain.training.recode_run import recode_capture
+
+    source, target = Path(args.source).expanduser().resolve(), Path(args.target).expanduser().resolve()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"{target} exists and is not empty: choose another folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.recode"  # finished shards survive a kill: rerun to resume
+    with tempfile.TemporaryDirectory(prefix=".recode-", dir=target.parent) as scratch:
+        metrics = recode_capture(source, Path(scratch) / "out", staging, args.encoding, args.mass)
+        if target.exists():
+            target.rmdir()
+        (Path(scratch) / "out").rename(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    print(f"recoded {metrics['shards']} shard(s) of {source} from {metrics['from_encoding']} to {args.encoding}: "
+          f"{_human(metrics['source_bytes'])} -> {_human(metrics['bytes'])} ({metrics['bytes_per_token']} B/token, "
+          f"mean |value change| {metrics['mean_abs_value_error'] or 0:.2g}) in {target}")
+    return 0
+
+
 def cmd_schema(args) -> int:
     from posttrain.schema import recipe_schema
 
@@ -556,6 +580,15 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--overwrite", action="store_true",
                       help="replace what the repository already holds on that branch")
     push.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="as for export")
+    recode = sub.add_parser("recode", help="re-encode a teacher-logit capture folder (e.g. fp16 -> compact) "
+                            "without the teacher", description="re-encode a capture folder outside the registry "
+                            "(written by capture_logits, read by distill's teacher_logits_path); in a recipe, "
+                            "use a `kind: recode_logits` stage instead")
+    recode.add_argument("source", metavar="SRC", help="a capture folder (index.json and shards)")
+    recode.add_argument("target", metavar="DST", help="the folder to write (must not exist or be empty)")
+    recode.add_argument("--encoding", default="compact", choices=["fp16", "q8", "q10", "q12", "compact"])
+    recode.add_argument("--mass", type=float, help="compact only: keep the fewest best entries reaching this mass")
+    recode.set_defaults(func=cmd_recode)
     report = sub.add_parser("report", help="metrics table, loss curves and lineage graph (Markdown + HTML)",
                             description="metrics table (stages as columns, deltas against base), loss curves "
                                         "per training stage and the lineage graph, as Markdown and HTML")

@@ -212,6 +212,8 @@ def estimate(kind: str, config: Any, arch: Architecture, launch: Launch | int) -
         logits = 12 * min(1024, getattr(config, "batch_size", 8) * seq) * arch.vocab
         logits += 34 * getattr(config, "batch_size", 8) * seq * arch.hidden
         return f"~{_bytes(2 * p + logits)} on one device (teacher inference)"
+    if kind == "recode_logits":
+        return "one shard's decoded targets in RAM (no teacher, no GPU)"
     if kind == "merge":
         dtype = getattr(config, "dtype", None) or "bfloat16"
         size = BYTES_PER_PARAMETER.get(dtype, 2)

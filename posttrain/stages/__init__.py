@@ -14,6 +14,7 @@ BUILTIN_STAGES: dict[str, str] = {
     "sft": "posttrain.stages.sft:SFTStage",
     "dpo": "posttrain.stages.dpo:DPOStage",
     "capture_logits": "posttrain.stages.capture_logits:CaptureLogitsStage",
+    "recode_logits": "posttrain.stages.recode_logits:RecodeLogitsStage",
     "distill": "posttrain.stages.distill:DistillStage",
     "merge": "posttrain.stages.merge:MergeStage",
     "eval": "posttrain.stages.evaluate:EvalStage",
