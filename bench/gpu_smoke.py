@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the results here as JSON")
     parser.add_argument("--only", default="sft_plain_trl,sft,dpo,capture,distill",
                         help="comma-separated stages, run in this order (sft_again: SFT again at another lr; "
-                             "capture_vllm: the capture through vLLM, compared with the HF one, if vLLM is installed)")
+                             "capture_vllm: the capture through vLLM, compared with the HF one; eval_vllm: lm-eval's local tasks on the HF and the vllm backends; both need vLLM installed)")
     args = parser.parse_args()
     import torch
 
@@ -257,6 +257,25 @@ def main() -> None:
                positions_with_the_same_top_k_ids=round(same_ids / max(positions, 1), 4),
                max_abs_logprob_difference=round(worst, 4))
 
+    def eval_vllm():
+        """lm-eval on the local tasks with the HF backend and with vLLM (when installed), same model."""
+        import yaml
+
+        tasks = {"kind": "eval", "models": ["base"], "tasks": ["tiny_arith_mc", "tiny_arith_gen"],
+                 "task_dirs": [str(ROOT / "data" / "eval" / "tasks")], "batch_size": args.batch}
+        recipe = work / "eval_backends.yaml"
+        recipe.write_text(yaml.safe_dump({
+            "name": "eval_backends", "base": {"model": results["sft_dir"], "chat_template": "llama-3.1"},
+            "stages": {"on_hf": tasks, "on_vllm": {**tasks, "backend": "vllm",
+                                                   "vllm": {"gpu_memory_utilization": 0.5}}}}))
+        result = posttrain.run(recipe, registry=work / "registry-eval", echo=lambda *a: None)
+        hf, served = (result.metrics(s)["results"]["base"] for s in ("on_hf", "on_vllm"))
+        seconds = {s: result.entries[s].manifest["timings"]["seconds"] for s in ("on_hf", "on_vllm")}
+        results["stages"]["eval_vllm"] = {
+            "hf": hf, "vllm": served, "seconds_hf": seconds["on_hf"], "seconds_vllm": seconds["on_vllm"],
+            "max_abs_metric_difference": max(abs(hf[m]["value"] - served[m]["value"]) for m in hf)}
+        print(f"eval_vllm      {json.dumps(results['stages']['eval_vllm'])}", flush=True)
+
     def distill():
         posttrain.distill(work / "base", results["capture_dir"], registry=registry, chat_template="llama-3.1",
                           **training)
@@ -265,15 +284,15 @@ def main() -> None:
                plan_estimate("distill", work / "base", {"teacher_logits_path": "x", "training": training}), 6)
 
     runs = {"sft_plain_trl": trl_baseline, "sft": sft, "sft_again": sft_again, "dpo": dpo, "capture": capture,
-            "capture_vllm": capture_vllm, "distill": distill}
+            "capture_vllm": capture_vllm, "distill": distill, "eval_vllm": eval_vllm}
     for name in args.only.split(","):
         fn = runs[name]
-        if name in ("dpo", "capture") and "sft_dir" not in results:
+        if name in ("dpo", "capture", "eval_vllm") and "sft_dir" not in results:
             continue
         if name in ("distill", "capture_vllm") and "capture_dir" not in results:
             continue
-        if name == "capture_vllm" and importlib.util.find_spec("vllm") is None:
-            print("capture_vllm skipped: vLLM is not installed (pip install 'posttrain[vllm]')", flush=True)
+        if name in ("capture_vllm", "eval_vllm") and importlib.util.find_spec("vllm") is None:
+            print(f"{name} skipped: vLLM is not installed (pip install 'posttrain[vllm]')", flush=True)
             continue
         stage(name, fn)
     base, ours = results["stages"].get("sft_plain_trl", {}), results["stages"].get("sft", {})
