@@ -310,9 +310,9 @@ def test_packed_rows_give_the_same_loss_as_separate_sequences(tmp_path):
                               use_cache=False).last_hidden_state
             else:
                 hidden = core(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            valid = batch["valid"]
-            return distill_loss(hidden[valid], model.get_output_embeddings(), batch["target_ids"][valid],
-                                batch["target_values"][valid], batch["next_tokens"][valid], alpha=0.5)[0], int(valid.sum())
+            trained = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["valid_index"])
+            return distill_loss(trained, model.get_output_embeddings(), batch["target_ids"], batch["target_values"],
+                                batch["next_tokens"], alpha=0.5)[0], int(batch["valid"].sum())
 
     separate, n_separate = loss_of(collate(subset, 0, True))
     packed_data = PackedSequences(subset, max_length=160)
@@ -502,3 +502,82 @@ def test_compact_capture_with_mass_distills_with_no_extra_settings(tmp_path):
     # Self-distillation from the compact targets starts at (almost) zero: ids, values, masks and the tail
     # (holding what mass left out) decode to the teacher's distribution at the right positions.
     assert result.metrics("distill")["kd_loss"][0]["value"] <= 1e-3
+
+
+def test_a_batch_carries_only_the_trained_positions_targets_with_their_flat_indices():
+    """The collator hands the loss the trained positions by index ([N] longs, [N, k] targets), so the
+    device never resolves a boolean mask (a host-device sync each step)."""
+    from posttrain.training.distill_data import collate
+
+    def row(n, mask):
+        return {"input_ids": np.arange(n, dtype=np.int64) + 10, "loss_mask": np.array(mask, dtype=bool),
+                "target_ids": np.tile(np.arange(n)[:, None], (1, 2)), "target_values": np.zeros((n, 2), np.float32),
+                "target_tail": np.full(n, -3.0, np.float32)}
+
+    batch = collate([row(4, [0, 1, 1, 1]), row(3, [0, 0, 1])], pad_id=0, assistant_only=True)
+    # row 0: positions 0..2 predict tokens 1..3 (all assistant); row 1: position 1 predicts token 2.
+    assert batch["valid_index"].tolist() == [0, 1, 2, 4 + 1]
+    assert batch["valid"].sum() == 4 and batch["target_ids"].shape == (4, 2) and batch["target_tail"].shape == (4,)
+    assert batch["next_tokens"].tolist() == [11, 12, 13, 12]
+    assert batch["target_ids"][:, 0].tolist() == [0, 1, 2, 1]
+
+
+@pytest.mark.slow
+def test_the_distill_loss_path_reads_nothing_back_from_the_device_per_step(tmp_path, monkeypatch):
+    """No `.item()`, `float()`, `int()` or `bool()` of a tensor in posttrain's part of the student's
+    forward and loss (each is a host-device sync on a GPU): counted during training, it makes none.
+    (transformers' SDPA mask builder checks a padded batch's mask once per forward; packed batches and
+    flash-attention take other paths.)"""
+    import sys as system
+
+    import posttrain.training.distill_run as distill_run
+
+    calls = []
+
+    def caller() -> str:
+        return system._getframe(2).f_code.co_filename
+    plain_install = distill_run.install_distill_forward
+
+    def counting_install(model):
+        plain_install(model)
+        forward = model.forward
+
+        def counted(*args, **kwargs):
+            if kwargs.get("distill") is None:
+                return forward(*args, **kwargs)
+            originals = {name: getattr(torch.Tensor, name) for name in ("item", "__float__", "__int__", "__bool__")}
+            for name, original in originals.items():
+                monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _o=original: (calls.append((_n, caller())), _o(self, *a))[1])
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                for name, original in originals.items():
+                    monkeypatch.setattr(torch.Tensor, name, original)
+
+        model.forward = counted
+
+    monkeypatch.setattr(distill_run, "install_distill_forward", counting_install)
+    stages = {"capture": capture(k=16),
+              "distill": {"kind": "distill", "model": "base", "teacher_logits": "capture",
+                          "training": {"max_steps": 3, **TRAIN_ARGS}}}
+    result = posttrain.run(recipe_with(tmp_path, stages))
+    assert result.metrics("distill")["steps"] == 3 and result.metrics("distill")["kd_loss"]
+    assert calls, "the counter saw nothing: it no longer wraps the forward"
+    ours = [(name, where) for name, where in calls if f"{os.sep}posttrain{os.sep}" in where
+            and f"{os.sep}site-packages{os.sep}" not in where]
+    assert ours == []
+
+
+@pytest.mark.slow
+def test_decoding_shards_in_dataloader_workers_trains_exactly_as_in_the_main_process(tmp_path):
+    """On a GPU the stage decodes shards in worker processes; the batches and so the losses are the same."""
+    losses = []
+    for workers in (0, 2):
+        stages = {"capture": capture(k=16, encoding="compact"),
+                  "distill": {"kind": "distill", "model": "base", "teacher_logits": "capture",
+                              "training": {"max_steps": 3, **TRAIN_ARGS, "dataloader_num_workers": workers}}}
+        folder = tmp_path / f"workers{workers}"
+        folder.mkdir()
+        result = posttrain.run(recipe_with(folder, stages), registry=folder / "registry")
+        losses.append([p["value"] for p in result.metrics("distill")["kd_loss"]])
+    assert len(losses[0]) == 3 and losses[0] == losses[1]

@@ -216,7 +216,8 @@ class PackedSequences:
 def collate(rows: list[dict[str, np.ndarray]], pad_id: int, assistant_only: bool) -> dict[str, Any]:
     """Pad a batch. `valid[b, t]` marks positions whose next token is trained on (it exists in the same
     sequence, and is an assistant token when assistant_only); position t's stored targets pair with
-    the student's logits at t."""
+    the student's logits at t. Targets and next tokens are given for valid positions only ([N, k] and
+    [N], in row-major order), with `valid_index` their flat positions in the [B * L] batch."""
     import torch
 
     longest = max(len(r["input_ids"]) for r in rows)
@@ -248,10 +249,14 @@ def collate(rows: list[dict[str, np.ndarray]], pad_id: int, assistant_only: bool
         target_values[b, :n] = torch.from_numpy(row["target_values"])
         if with_tail:
             target_tail[b, :n] = torch.from_numpy(row["target_tail"])
-    out = {"input_ids": input_ids, "attention_mask": attention, "valid": valid, "next_tokens": next_tokens,
-           "target_ids": target_ids, "target_values": target_values}
+    # Only the trained positions' targets travel to the device, with their flat indices: the loss picks
+    # the hidden states by index, so no boolean mask is resolved on the device (a host-device sync).
+    flat = valid.reshape(-1)
+    out = {"input_ids": input_ids, "attention_mask": attention, "valid": valid,
+           "valid_index": flat.nonzero().squeeze(1), "next_tokens": next_tokens.reshape(-1)[flat],
+           "target_ids": target_ids.reshape(-1, k)[flat], "target_values": target_values.reshape(-1, k)[flat]}
     if with_tail:
-        out["target_tail"] = target_tail
+        out["target_tail"] = target_tail.reshape(-1)[flat]
     if packed:
         out["position_ids"] = position_ids
     return out

@@ -25,7 +25,8 @@ def _trainer_class():
         def __init__(self, *args, distill: dict[str, Any], **kwargs):
             super().__init__(*args, **kwargs)
             self.distill = distill
-            self.parts: dict[str, list[float]] = {"kd_loss": [], "ce_loss": []}
+            # Detached device scalars, read once per logging step (not once per micro-batch: a sync).
+            self.parts: dict[str, list[Any]] = {"kd_loss": [], "ce_loss": []}
             self.loss_is_scaled_for_ga = True  # compute_loss divides by the step's token count itself
 
         def _get_num_items_in_batch(self, batch_samples, device):
@@ -51,9 +52,11 @@ def _trainer_class():
             return (loss, None) if return_outputs else loss
 
         def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+            import torch
+
             for key, values in self.parts.items():
                 if values and "loss" in logs:
-                    logs[key] = sum(values) / len(values)
+                    logs[key] = float(torch.stack([torch.as_tensor(v).float().cpu() for v in values]).mean())
                     values.clear()
             super().log(logs, *args, **kwargs)
 
@@ -73,8 +76,8 @@ def install_distill_forward(model) -> None:
 
     plain_forward = model.forward
 
-    def forward(self, *args, distill=None, normalizer=None, valid=None, target_ids=None, target_values=None,
-                next_tokens=None, target_tail=None, **inputs):
+    def forward(self, *args, distill=None, normalizer=None, valid=None, valid_index=None, target_ids=None,
+                target_values=None, next_tokens=None, target_tail=None, **inputs):
         if distill is None:
             return plain_forward(*args, **inputs)
         core = self.get_decoder()
@@ -86,17 +89,24 @@ def install_distill_forward(model) -> None:
         else:
             hidden = core(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                           use_cache=False).last_hidden_state
-        if not valid.any():
+        if valid_index.numel() == 0:  # a shape, known on the host: no device sync
             # Every rank must still run the head (FSDP gathers it collectively); zero loss, zero grads.
             return {"loss": self.get_output_embeddings()(hidden[:, :1]).sum() * 0.0, "parts": {}}
+        # Picked by index, not by a boolean mask: the result's size is known without asking the device.
+        trained = hidden.reshape(-1, hidden.shape[-1]).index_select(0, valid_index)
         loss, parts = distill_loss(
-            hidden[valid], self.get_output_embeddings(), target_ids[valid], target_values[valid],
-            next_tokens[valid], alpha=distill["alpha"], loss=distill["loss"],
-            temperature=distill["temperature"], chunk_size=distill["chunk_size"],
-            teacher_tail=target_tail[valid] if target_tail is not None else None, normalizer=normalizer)
+            trained, self.get_output_embeddings(), target_ids, target_values, next_tokens,
+            alpha=distill["alpha"], loss=distill["loss"], temperature=distill["temperature"],
+            chunk_size=distill["chunk_size"], teacher_tail=target_tail, normalizer=normalizer)
         return {"loss": loss, "parts": parts}
 
     model.forward = types.MethodType(forward, model)
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def run_distill(config, ctx: StageContext) -> dict[str, Any]:
@@ -138,6 +148,12 @@ def run_distill(config, ctx: StageContext) -> dict[str, Any]:
         train, evaluation = torch.utils.data.random_split(data, [len(data) - size, size], generator=generator)
     checkpoints = ctx.work_dir / "checkpoints"
     training = device_defaults(dict(config.training), evaluation is not None)
+    if torch_cuda_available():
+        # Shards are decoded (bit unpacking, rANS for compact) in worker processes into pinned memory,
+        # while the GPU trains on the previous batch, instead of on the main process between steps.
+        training.setdefault("dataloader_num_workers", 2)
+        training.setdefault("dataloader_persistent_workers", True)
+        training.setdefault("dataloader_prefetch_factor", 4)
     args = TrainingArguments(output_dir=str(checkpoints), seed=ctx.seed, save_strategy="steps",
                              save_steps=config.save_steps, remove_unused_columns=False,
                              activation_checkpointing=config.gradient_checkpointing, **training)
