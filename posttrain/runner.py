@@ -344,8 +344,7 @@ def _build(run: _Run, name: str, prefix: str) -> Entry:
     key = run.keys[name].key
     if run.rank != 0:
         return _build_as_follower(run, name)
-    waited = []
-    with reg.lock(key, on_wait=lambda: (waited.append(1), echo(f"{prefix} waiting: another process is building {short(key)}"))):
+    with reg.lock(key, on_wait=lambda: echo(f"{prefix} waiting: another process is building {short(key)}")):
         try:  # another process may have finished it while we waited for the lock
             entry = reg.load(key)
             echo(f"{prefix} cached   {short(key)} (built by another process)")

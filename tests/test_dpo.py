@@ -71,7 +71,7 @@ def test_preference_accuracy_and_margin_rise(trained):
     assert sum(margins[-5:]) / 5 > sum(margins[:5]) / 5 + 0.5
     assert sum(accuracies[-5:]) / 5 > sum(accuracies[:5]) / 5
     assert sum(accuracies[-5:]) / 5 >= 0.9
-    assert metrics["eval"]["rewards/accuracies"][-1]["value"] >= 0.9
+    assert metrics["eval"]["rewards_accuracies"][-1]["value"] >= 0.9  # named like the training series
     assert metrics["reference"] == "policy input" and metrics["precomputed_reference"] is True
 
 

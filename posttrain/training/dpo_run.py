@@ -76,7 +76,9 @@ def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
               for key in ("loss",) + REWARD_KEYS}
     metrics.update(
         {key.replace("/", "_"): value for key, value in series.items()},
-        eval={key: [{"step": h["step"], "value": h[f"eval_{key}"]} for h in history if f"eval_{key}" in h]
+        # The same names as the training series (rewards_accuracies, not rewards/accuracies).
+        eval={key.replace("/", "_"): [{"step": h["step"], "value": h[f"eval_{key}"]} for h in history
+                                      if f"eval_{key}" in h]
               for key in ("loss",) + REWARD_KEYS},
         **run_metrics,
         reference="adapter-disabled policy" if config.lora and ref_model is None
