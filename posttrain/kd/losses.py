@@ -117,7 +117,7 @@ def _chunk_sums(hidden, head, ids, teacher_logp, teacher_tail, labels, loss, tem
 def distill_loss(hidden: torch.Tensor, head: torch.nn.Module, ids: torch.Tensor, teacher_logp: torch.Tensor,
                  labels: torch.Tensor, alpha: float = 1.0, loss: str = "forward_kl", temperature: float = 1.0,
                  chunk_size: int = 1024, teacher_tail: torch.Tensor | None = None,
-                 normalizer: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 normalizer: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """alpha * KD + (1 - alpha) * CE, each summed over the given positions and divided by `normalizer`.
 
     `normalizer` is the number of trained positions of the whole optimizer step (every micro-batch of
@@ -142,8 +142,7 @@ def distill_loss(hidden: torch.Tensor, head: torch.nn.Module, ids: torch.Tensor,
         ce_total = ce_total + ce
     denominator = normalizer if normalizer is not None else max(n, 1)
     total = (alpha * kd_total + (1 - alpha) * ce_total) / denominator
-    # Detached scalars, left on the device: reading them here would stall the GPU every micro-batch.
-    parts = {"kd_loss": kd_total.detach() / max(n, 1)}
+    parts = {"kd_loss": float(kd_total.detach()) / max(n, 1)}
     if with_ce:
-        parts["ce_loss"] = ce_total.detach() / max(n, 1)
+        parts["ce_loss"] = float(ce_total.detach()) / max(n, 1)
     return total, parts

@@ -25,8 +25,7 @@ def _trainer_class():
         def __init__(self, *args, distill: dict[str, Any], **kwargs):
             super().__init__(*args, **kwargs)
             self.distill = distill
-            # Detached device scalars, read once per logging step (not once per micro-batch: a sync).
-            self.parts: dict[str, list[Any]] = {"kd_loss": [], "ce_loss": []}
+            self.parts: dict[str, list[Any]] = {"kd_loss": [], "ce_loss": []}  # numbers or device scalars
             self.loss_is_scaled_for_ga = True  # compute_loss divides by the step's token count itself
 
         def _get_num_items_in_batch(self, batch_samples, device):
