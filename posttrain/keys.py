@@ -45,6 +45,39 @@ def _drop_path(data: dict, dotted: str) -> None:
         node.pop(last, None)
 
 
+# Trainer settings that change how fast a stage trains, not what it learns: left out of every stage's key
+# (beside each kind's own `operational_keys`), so switching torch.compile or Liger's kernels on for a
+# rerun reuses the finished entries; the manifest records them under "operational". They compute the
+# same functions, up to floating-point rounding order.
+SPEED_SETTINGS = ("training.torch_compile", "training.torch_compile_backend", "training.torch_compile_mode",
+                  "training.use_liger_kernel", "training.liger_kernel_config", "training.dataloader_pin_memory",
+                  "training.dataloader_persistent_workers", "training.dataloader_prefetch_factor")
+
+
+def _find_path(data: dict, dotted: str) -> tuple[bool, Any]:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def operational_paths(stage: Any) -> tuple[str, ...]:
+    """Dotted config paths left out of a stage's key: its kind's operational settings and SPEED_SETTINGS."""
+    return tuple(getattr(stage, "operational_keys", ())) + SPEED_SETTINGS
+
+
+def operational_settings(stage: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """The operational settings a stage's config sets (dotted path -> value), for its manifest."""
+    found = {}
+    for dotted in operational_paths(stage):
+        present, value = _find_path(config, dotted)
+        if present:
+            found[dotted] = value
+    return found
+
+
 Chooser = Callable[[str, dict[str, "StageKey"]], Optional[str]]
 
 
@@ -63,7 +96,7 @@ def compute_keys(loaded: LoadedRecipe, cache: FingerprintCache, choose: Chooser 
             continue
         config = item.config.model_dump(mode="json", exclude={"description"})
         config.pop("seed", None)
-        for dotted in getattr(item.stage, "operational_keys", ()):
+        for dotted in operational_paths(item.stage):
             _drop_path(config, dotted)
         # Inputs enter the key by their entry keys, not their names: renaming a stage reuses its work.
         for path in item.inputs:

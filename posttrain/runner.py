@@ -19,7 +19,7 @@ from posttrain.console import progress_reporter, streams_to
 from posttrain.fingerprint import FingerprintCache
 from posttrain.gates import GateResult, Objective, check_gates
 from posttrain.hf_folder import missing_parts
-from posttrain.keys import StageKey, compute_keys, explain_change
+from posttrain.keys import StageKey, compute_keys, explain_change, operational_settings
 from posttrain.model_card import write_model_card
 from posttrain.recipe.load import LoadedRecipe, load_recipe
 from posttrain.registry import CorruptEntry, Entry, Registry, resolve_root, short
@@ -515,6 +515,8 @@ def _manifest(run: _Run, name: str, metrics: dict, started: float) -> dict:
         **({"candidate": {"of": item.candidate[0], "label": item.candidate[1], "overrides": item.candidate[2]}}
            if item.candidate else {}),
         "config": item.config.model_dump(mode="json"),
+        # Set in the config but not part of the key (speed, logging, workers): how this entry was made.
+        "operational": operational_settings(item.stage, item.config.model_dump(mode="json")),
         "key_material": keys[name].material,
         "metrics": metrics,
         "versions": library_versions(),

@@ -217,3 +217,67 @@ def test_killed_dpo_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypat
     b = load_file(resumed.path("dpo") / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_padding_free_pairs_give_the_padded_log_probs_and_gradients():
+    """The decoder over one packed row (position ids restarting per sequence, SDPA, no attention mask)
+    gives every sequence the log-probs and the gradients it gets padded, through trl's own fused head."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.utils import add_fused_lm_head
+
+    from posttrain.training.packed_pairs import install_packed_backbone, packed_collator
+
+    torch.manual_seed(0)
+    pairs = [{"prompt_ids": [1, 5, 9, 4], "chosen_ids": [7, 3, 2], "rejected_ids": [8]},
+             {"prompt_ids": [1, 6], "chosen_ids": [4, 4, 4, 4, 4, 2], "rejected_ids": [9, 2]},
+             {"prompt_ids": [1, 3, 3, 3, 3, 3, 3], "chosen_ids": [2], "rejected_ids": [5, 6, 7, 2]}]
+    padded = DataCollatorForPreference(pad_token_id=0)(pairs)
+    packed = packed_collator(DataCollatorForPreference)(pad_token_id=0)(pairs)
+    assert packed["packed_index"].numel() == int(padded["attention_mask"].sum()) < padded["input_ids"].numel()
+
+    def logps_and_grads(batch, pack: bool):
+        model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, attn_implementation="sdpa").float()
+        if pack:
+            install_packed_backbone(model)
+        add_fused_lm_head(model)
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+        token_logps = model(**inputs, labels=labels, fused_lm_head=True).log_probs
+        sequence_logps = token_logps.sum(1)
+        sequence_logps.sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return sequence_logps.detach(), grads
+
+    padded_logps, padded_grads = logps_and_grads(padded, pack=False)
+    packed_logps, packed_grads = logps_and_grads(packed, pack=True)
+    torch.testing.assert_close(packed_logps, padded_logps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed_grads, padded_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_pair_padding_fraction_counts_the_pads_of_trls_batches():
+    from posttrain.training.packed_pairs import padding_fraction
+
+    # Batch 1: rows 4, 2, 3, 1 padded to 4 -> 16 slots, 10 real; batch 2: rows 5, 5 -> none.
+    assert padding_fraction([(4, 2), (3, 1), (5, 5)], batch_size=2) == round(1 - 20 / 26, 4)
+    assert padding_fraction([], batch_size=4) == 0.0
+
+
+@pytest.mark.slow
+def test_padding_free_dpo_trains_like_padded_dpo(tmp_path, registry_dir):
+    """Same seed, same batches: the padding-free stage's reference log-probs, losses and rewards are the
+    padded stage's, and both report what padding the data would cost."""
+    runs = {}
+    for mode in (False, True):
+        folder = tmp_path / str(mode)
+        folder.mkdir()
+        runs[mode] = posttrain.run(dpo_recipe(folder, steps=4, padding_free=mode))
+    padded, packed = runs[False].metrics("dpo"), runs[True].metrics("dpo")
+    assert packed["padding_free"] is True and padded["padding_free"] is False
+    assert packed["padding_fraction"] == padded["padding_fraction"] > 0  # similar-length pairs: ~3%
+    for series in ("loss", "rewards_margins"):
+        assert [p["value"] for p in packed[series]] == pytest.approx([p["value"] for p in padded[series]], abs=1e-4)
+    references = [json.loads((runs[m].path("dpo") / "reference_logps.json").read_text()) for m in (False, True)]
+    for before, after in zip(*references):
+        assert after["ref_chosen_logps"] == pytest.approx(before["ref_chosen_logps"], abs=1e-4)
+        assert after["ref_rejected_logps"] == pytest.approx(before["ref_rejected_logps"], abs=1e-4)

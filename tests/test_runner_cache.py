@@ -117,4 +117,7 @@ def test_operational_settings_do_not_change_keys(tmp_path):
     (tmp_path / "data.jsonl").write_text('{"text": "hello"}\n')
     first = key(logging_steps=1, learning_rate=1e-3)
     assert key(logging_steps=25, report_to=[], save_steps=5, learning_rate=1e-3) == first
+    # Speed settings: the same function computed faster (keys.SPEED_SETTINGS).
+    assert key(logging_steps=1, learning_rate=1e-3, torch_compile=True, torch_compile_mode="max-autotune",
+               dataloader_pin_memory=False, dataloader_prefetch_factor=4) == first
     assert key(logging_steps=1, learning_rate=2e-3) != first

@@ -89,7 +89,10 @@ class DistillStage(Stage):
         return {}
 
     def validate(self, config: DistillConfig, recipe_dir: Path) -> list[tuple[str, str]]:
-        return check_training_keys(config.training, trl_config=None)  # a plain transformers Trainer
+        from posttrain.training.speed import speed_problems
+
+        # A plain transformers Trainer: TrainingArguments' fields.
+        return check_training_keys(config.training, trl_config=None) + speed_problems(config.training)
 
     def run(self, config: DistillConfig, ctx: StageContext) -> dict[str, Any]:
         from posttrain.training.distill_run import run_distill

@@ -33,6 +33,8 @@ class DPOStageConfig(StageConfig, ChatTraining, TrainsWeights):
     loss_weights: list[float] | None = None
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     precompute_ref_log_probs: bool = Field(True, description="Reference log-probs computed once, before training.")
+    padding_free: bool = Field(False, description="Run the decoder over the real tokens of a batch only, its "
+                                                  "sequences packed into one row (flash-attention varlen on a GPU).")
 
     @field_validator("loss_type", mode="before")
     @classmethod
@@ -71,7 +73,9 @@ class DPOStage(Stage):
         return local_data_files(config.data)
 
     def validate(self, config: DPOStageConfig, recipe_dir: Path) -> list[tuple[str, str]]:
-        problems = [(k, m) for k, m in check_training_keys(config.training, DPO_FIELDS)]
+        from posttrain.training.speed import speed_problems
+
+        problems = check_training_keys(config.training, DPO_FIELDS) + speed_problems(config.training)
         for key in DPO_OWN_KEYS & set(config.training):
             problems.append((f"training.{key}", f"set it as the stage's own `{key}:`"))
         if config.loss_weights is not None and len(config.loss_weights) != len(config.loss_type):

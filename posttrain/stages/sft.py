@@ -45,7 +45,10 @@ class SFTStage(Stage):
     def validate(self, config: SFTStageConfig, recipe_dir: Path) -> list[tuple[str, str]]:
         from posttrain.chat_templates import template_problems
 
-        return (check_training_keys(config.training) + template_problems(config.chat_template, recipe_dir)
+        from posttrain.training.speed import speed_problems
+
+        return (check_training_keys(config.training) + speed_problems(config.training)
+                + template_problems(config.chat_template, recipe_dir)
                 + config_problems(config.data, recipe_dir))
 
     def run(self, config: SFTStageConfig, ctx: StageContext) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from posttrain.kd.losses import distill_loss
 from posttrain.kd.tokenizer_check import check_compatible
 from posttrain.errors import UserError
 from posttrain.context import StageContext
+from posttrain.training.speed import speed_settings, torch_cuda_available
 from posttrain.training.trainer_common import (callbacks, device_defaults, load_chat_tokenizer, logged_series,
                                                save_model_entry, sharded)
 from posttrain.training.trainer_common import train as train_model
@@ -102,12 +103,6 @@ def install_distill_forward(model) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-def torch_cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def run_distill(config, ctx: StageContext) -> dict[str, Any]:
     from transformers import TrainingArguments
 
@@ -146,7 +141,7 @@ def run_distill(config, ctx: StageContext) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(ctx.seed)
         train, evaluation = torch.utils.data.random_split(data, [len(data) - size, size], generator=generator)
     checkpoints = ctx.work_dir / "checkpoints"
-    training = device_defaults(dict(config.training), evaluation is not None)
+    training = speed_settings(device_defaults(dict(config.training), evaluation is not None), torch_cuda_available())
     if torch_cuda_available():
         # Shards are decoded (bit unpacking, rANS for compact) in worker processes into pinned memory,
         # while the GPU trains on the previous batch, instead of on the main process between steps.

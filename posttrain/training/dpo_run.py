@@ -5,11 +5,13 @@ import json
 from typing import Any
 
 from posttrain.context import StageContext
+from posttrain.training.speed import speed_settings, torch_cuda_available
 from posttrain.training.trainer_common import (callbacks, device_defaults, load_chat_tokenizer, lora_config,
                                                save_model_entry, sharded)
 from posttrain.training.trainer_common import train as train_model
 from posttrain.console import tracker_callbacks  # wandb/mlflow/trackio runs named <recipe>/<stage>
 from posttrain.training.splits import prepared_datasets
+from posttrain.training.packed_pairs import install_packed_backbone, packed_collator, padding_fraction
 
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
@@ -28,8 +30,22 @@ def preference_trainer(base):
     return PreparedDPOTrainer
 
 
+def pair_lengths(dataset) -> list[tuple[int, int]]:
+    """(prompt + chosen, prompt + rejected) token counts of each prepared pair, in dataset order, read
+    from the Arrow list lengths a batch at a time (the token lists themselves never become Python)."""
+    import pyarrow.compute as pc
+
+    lengths = []
+    for table in dataset.with_format("arrow").iter(batch_size=8192):
+        prompt, chosen, rejected = (pc.list_value_length(table[name]).to_pylist()
+                                    for name in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        lengths += [(p + c, p + r) for p, c, r in zip(prompt, chosen, rejected)]
+    return lengths
+
+
 def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     from posttrain.training.weights import load_trainable
 
@@ -44,8 +60,12 @@ def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
     if "ref_model" in ctx.inputs:
         # Same dtype as the policy: at step 0 both must give identical log-probs.
         ref_model = load_trainable(ctx.inputs["ref_model"].path, config.master_weights)
+    if config.padding_free:
+        for network in (model, ref_model):
+            if network is not None:
+                install_packed_backbone(network)
     checkpoints = ctx.work_dir / "checkpoints"
-    training = device_defaults(dict(config.training), evaluation is not None)
+    training = speed_settings(device_defaults(dict(config.training), evaluation is not None), torch_cuda_available())
     args = DPOConfig(
         output_dir=str(checkpoints),
         seed=ctx.seed,
@@ -61,8 +81,15 @@ def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
         gradient_checkpointing=None,
         **training,
     )
-    trainer = sharded(preference_trainer(DPOTrainer))(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
-                         processing_class=tokenizer, peft_config=lora_config(config.lora), callbacks=callbacks(ctx) + tracker_callbacks(ctx))
+    collator = None
+    if config.padding_free:
+        collator = packed_collator(DataCollatorForPreference)(
+            pad_token_id=tokenizer.pad_token_id, max_length=args.max_length, truncation_mode=args.truncation_mode,
+            pad_to_multiple_of=args.pad_to_multiple_of)
+    trainer = sharded(preference_trainer(DPOTrainer))(
+        model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
+        data_collator=collator, processing_class=tokenizer, peft_config=lora_config(config.lora),
+        callbacks=callbacks(ctx) + tracker_callbacks(ctx))
     _, run_metrics = train_model(trainer, checkpoints)
 
     save_model_entry(trainer, tokenizer, ctx, lora=bool(config.lora), checkpoints=checkpoints)
@@ -84,6 +111,9 @@ def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
         reference="adapter-disabled policy" if config.lora and ref_model is None
         else ("ref_model input" if ref_model is not None else "policy input"),
         precomputed_reference=bool(config.precompute_ref_log_probs),
+        padding_free=config.padding_free,
+        # What padded batches of this data carry in pads (the decoder skips them when padding_free).
+        padding_fraction=padding_fraction(pair_lengths(train), args.per_device_train_batch_size),
         lora=bool(config.lora),
     )
     return metrics

@@ -1,0 +1,63 @@
+"""Optional fast paths (torch.compile, Liger's kernels): accepted, checked, out of keys, recorded."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+import posttrain
+from conftest import ROOT, TINY_MODEL, write_recipe
+from posttrain.cli import main
+from posttrain.training.speed import speed_settings
+
+SFT_DATA = ROOT / "data" / "sft" / "tiny_chat_train.jsonl"
+
+
+def sft_recipe(folder, **training) -> object:
+    settings = ", ".join(f"{k}: {json.dumps(v)}" for k, v in training.items())
+    return write_recipe(folder, f"""
+        name: fast
+        base: {{model: {TINY_MODEL}, chat_template: llama-3.1}}
+        stages:
+          sft:
+            kind: sft
+            data: {{sources: [{{path: {SFT_DATA}}}], max_length: 96}}
+            training: {{max_steps: 3, per_device_train_batch_size: 4, learning_rate: 0.001{', ' + settings if settings else ''}}}
+        """)
+
+
+def test_liger_kernels_leave_fused_cross_entropy_to_posttrain_and_the_cpu_goes_without():
+    on_gpu = speed_settings({"use_liger_kernel": True, "liger_kernel_config": {"rope": False}}, cuda=True)
+    assert on_gpu["liger_kernel_config"] == {"rope": False, "fused_linear_cross_entropy": False}
+    on_cpu = speed_settings({"use_liger_kernel": True, "liger_kernel_config": {"rope": False}, "seed": 1}, cuda=False)
+    assert on_cpu == {"seed": 1}
+    assert speed_settings({"torch_compile": True}, cuda=False) == {"torch_compile": True}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed here")
+def test_liger_without_its_package_is_a_recipe_error(tmp_path, capsys):
+    recipe = sft_recipe(tmp_path, use_liger_kernel=True, liger_kernel_config={"fused_linear_cross_entropy": True})
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "stages.sft.training.use_liger_kernel: needs the liger-kernel package (pip install 'posttrain[liger]')" in err
+    assert "stages.sft.training.liger_kernel_config.fused_linear_cross_entropy: not supported" in err
+    assert str(recipe) in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_compiled_sft_run_is_recorded_and_its_entry_serves_the_plain_recipe(tmp_path, registry_dir):
+    """torch.compile through the Trainer (dynamo's 'eager' backend: the graph capture without a C++
+    build), recorded under the manifest's "operational"; the same recipe without it is the same entry."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    compiled = posttrain.run(sft_recipe(tmp_path / "a", torch_compile=True, torch_compile_backend="eager"))
+    manifest = json.loads((compiled.path("sft") / "manifest.json").read_text())
+    operational = manifest["operational"]  # every setting left out of the key, defaults included
+    assert operational["training.torch_compile"] is True and operational["training.torch_compile_backend"] == "eager"
+    assert operational["save_steps"] == 50 and "training.max_steps" not in operational
+    losses = [point["value"] for point in manifest["metrics"]["loss"]]
+    assert len(losses) == 3 and all(loss == loss for loss in losses)
+    plain = posttrain.run(sft_recipe(tmp_path / "b"))
+    assert plain.path("sft") == compiled.path("sft")
+    assert "sft" in plain.cached and "sft" not in plain.ran
