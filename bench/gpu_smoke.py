@@ -142,6 +142,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the results here as JSON")
     parser.add_argument("--only", default="sft_plain_trl,sft,dpo,capture,distill",
                         help="comma-separated stages, run in this order (sft_again: SFT again at another lr; "
+                             "sft_compiled / sft_liger / sft_padding_free / dpo_padding_free: the fast paths, same shape; "
                              "capture_vllm: the capture through vLLM, compared with the HF one; eval_vllm: lm-eval's local tasks on the HF and the vllm backends; both need vLLM installed)")
     args = parser.parse_args()
     import torch
@@ -205,6 +206,35 @@ def main() -> None:
         metrics = _manifest_metrics(registry, "dpo")
         record("dpo", metrics["train_seconds"], args.steps * args.batch * pair_tokens(results["sft_dir"], prefs, args.seq),
                plan_estimate("dpo", work / "base", pairs_stage), 6)
+
+    def sft_variant(name: str, learning_rate: float, stage_fields: dict | None = None, **fast):
+        # Another learning rate, so the entry is built: speed settings alone are out of keys (it would be reused).
+        posttrain.sft(work / "base", sft_stage["data"], registry=registry, chat_template="llama-3.1",
+                      stage=stage_fields, **{**training, "learning_rate": learning_rate, **fast})
+        record(name, _manifest_metrics(registry, "sft")["train_seconds"], args.steps * tokens_per_step, None, 6)
+
+    def sft_compiled():
+        sft_variant("sft_compiled", 3e-5, torch_compile=True)
+
+    def sft_liger():
+        sft_variant("sft_liger", 4e-5, use_liger_kernel=True)
+
+    # Padding-free batches save attention time only with a variable-length kernel: flash-attention when
+    # it is installed, else SDPA (block-diagonal mask over the packed row), as recorded.
+    varlen = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+    results["padding_free_attention"] = varlen
+
+    def sft_padding_free():
+        sft_variant("sft_padding_free", 5e-5, {"padding_free": True, "attn_implementation": varlen})
+
+    def dpo_padding_free():
+        pairs_stage = {"data": {"sources": [{"path": str(prefs)}], "max_length": args.seq}, "training": training}
+        posttrain.dpo(results["sft_dir"], pairs_stage["data"], registry=registry,
+                      stage={"padding_free": True, "attn_implementation": varlen}, **training)
+        metrics = _manifest_metrics(registry, "dpo")
+        record("dpo_padding_free", metrics["train_seconds"],
+               args.steps * args.batch * pair_tokens(results["sft_dir"], prefs, args.seq), None, 6,
+               padding_fraction=metrics["padding_fraction"])
 
     def capture():
         rows = args.steps * args.batch
@@ -284,15 +314,19 @@ def main() -> None:
                plan_estimate("distill", work / "base", {"teacher_logits_path": "x", "training": training}), 6)
 
     runs = {"sft_plain_trl": trl_baseline, "sft": sft, "sft_again": sft_again, "dpo": dpo, "capture": capture,
-            "capture_vllm": capture_vllm, "distill": distill, "eval_vllm": eval_vllm}
+            "capture_vllm": capture_vllm, "distill": distill, "eval_vllm": eval_vllm, "sft_compiled": sft_compiled,
+            "sft_liger": sft_liger, "sft_padding_free": sft_padding_free, "dpo_padding_free": dpo_padding_free}
     for name in args.only.split(","):
         fn = runs[name]
-        if name in ("dpo", "capture", "eval_vllm") and "sft_dir" not in results:
+        if name in ("dpo", "dpo_padding_free", "capture", "eval_vllm") and "sft_dir" not in results:
             continue
         if name in ("distill", "capture_vllm") and "capture_dir" not in results:
             continue
         if name in ("capture_vllm", "eval_vllm") and importlib.util.find_spec("vllm") is None:
             print(f"{name} skipped: vLLM is not installed (pip install 'posttrain[vllm]')", flush=True)
+            continue
+        if name == "sft_liger" and importlib.util.find_spec("liger_kernel") is None:
+            print(f"{name} skipped: liger-kernel is not installed (pip install 'posttrain[liger]')", flush=True)
             continue
         stage(name, fn)
     base, ours = results["stages"].get("sft_plain_trl", {}), results["stages"].get("sft", {})

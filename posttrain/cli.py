@@ -276,6 +276,8 @@ def _print_gates(result) -> int:
 
 def _summary_table(result) -> list[str]:
     """stage, kind, status, time and the key metric of every stage of the run."""
+    from posttrain.console import headline_metric
+
     rows = [("stage", "kind", "status", "time", "key metric")]
     for name, entry in result.entries.items():
         if name in result.selections:  # a select step: the candidate it chose
@@ -284,8 +286,7 @@ def _summary_table(result) -> list[str]:
             continue
         metrics = entry.manifest.get("metrics", {})
         seconds = entry.manifest.get("timings", {}).get("seconds")
-        key_metric = next((f"{k} {metrics[k]:.4g}" for k in ("final_train_loss", "final_eval_loss",
-                           "bytes_per_token", "decontaminated_rows") if isinstance(metrics.get(k), (int, float))), "")
+        key_metric = headline_metric(metrics)
         jobs = result.jobs.get(name)
         status = ("ran" if name in result.ran else "cached") + (f" (job {jobs[-1]})" if jobs and name in result.ran else "")
         rows.append((name, entry.kind, status, f"{seconds:.1f}s" if isinstance(seconds, (int, float)) else "-",

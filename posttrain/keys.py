@@ -46,10 +46,10 @@ def _drop_path(data: dict, dotted: str) -> None:
 
 
 # Trainer settings that change how fast a stage trains, not what it learns: left out of every stage's key
-# (beside each kind's own `operational_keys`), so switching torch.compile or Liger's kernels on for a
+# (beside each kind's own `operational_keys`), so switching flash-attention, torch.compile or Liger on for a
 # rerun reuses the finished entries; the manifest records them under "operational". They compute the
 # same functions, up to floating-point rounding order.
-SPEED_SETTINGS = ("training.torch_compile", "training.torch_compile_backend", "training.torch_compile_mode",
+SPEED_SETTINGS = ("attn_implementation", "training.torch_compile", "training.torch_compile_backend", "training.torch_compile_mode",
                   "training.use_liger_kernel", "training.liger_kernel_config", "training.dataloader_pin_memory",
                   "training.dataloader_persistent_workers", "training.dataloader_prefetch_factor")
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from posttrain import signals
 from posttrain.errors import UserError
-from posttrain.console import progress_reporter, streams_to
+from posttrain.console import headline_metric, progress_reporter, streams_to
 from posttrain.fingerprint import FingerprintCache
 from posttrain.gates import GateResult, Objective, check_gates
 from posttrain.hf_folder import missing_parts
@@ -381,11 +381,9 @@ def _build(run: _Run, name: str, prefix: str) -> Entry:
 
 
 def headline(metrics: dict[str, Any]) -> str:
-    """The one number worth a glance on the stage's closing line."""
-    for key in ("final_train_loss", "bytes_per_token"):
-        if isinstance(metrics.get(key), (int, float)):
-            return f"  {key} {metrics[key]:.4g}"
-    return ""
+    """The stage's headline metric as its closing line ends with it (console.HEADLINE_METRICS)."""
+    found = headline_metric(metrics)
+    return f"  {found}" if found else ""
 
 
 def _run_stage(run: _Run, name: str, out_dir: Path, work: Path, prefix: str = "") -> dict[str, Any]:

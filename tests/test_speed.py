@@ -61,3 +61,39 @@ def test_a_compiled_sft_run_is_recorded_and_its_entry_serves_the_plain_recipe(tm
     plain = posttrain.run(sft_recipe(tmp_path / "b"))
     assert plain.path("sft") == compiled.path("sft")
     assert "sft" in plain.cached and "sft" not in plain.ran
+
+
+def test_the_attention_kernel_is_switched_on_the_loaded_model_and_a_missing_one_is_one_clear_error():
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.errors import UserError
+    from posttrain.training.speed import choose_attention
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
+    choose_attention(model, "eager")
+    assert model.config._attn_implementation == "eager"
+    choose_attention(model, None)
+    assert model.config._attn_implementation == "eager"
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(UserError, match=r"^attn_implementation: 'flash_attention_2' cannot be used here: "):
+            choose_attention(model, "flash_attention_2")
+
+
+def test_speed_settings_keep_the_key(tmp_path):
+    from posttrain.fingerprint import FingerprintCache
+    from posttrain.keys import compute_keys
+    from posttrain.recipe import load_recipe
+
+    def key(folder, extra: str = "", **training):
+        folder.mkdir()
+        recipe = sft_recipe(folder, **training)
+        if extra:
+            recipe.write_text(recipe.read_text().replace("    kind: sft\n", f"    kind: sft\n    {extra}\n"))
+            assert extra in recipe.read_text()
+        return compute_keys(load_recipe(recipe), FingerprintCache(tmp_path / "fp.json"))["sft"].key
+
+    plain = key(tmp_path / "plain")
+    assert key(tmp_path / "flash", "attn_implementation: flash_attention_2") == plain
+    assert key(tmp_path / "fast", torch_compile=True, torch_compile_backend="inductor",
+               dataloader_persistent_workers=True) == plain
+    assert key(tmp_path / "decay", weight_decay=0.1) != plain  # what it learns does count

@@ -23,6 +23,19 @@ from posttrain.console.trackers import TRACKING_FILE, tracker_callbacks  # noqa:
 from typing import Any, Callable, Iterator
 
 
+# The one number per stage worth a glance, first found in this order: on the stage's closing line, in
+# `run`'s summary table and in the driver's lines (one list, so they never disagree).
+HEADLINE_METRICS = ("final_train_loss", "final_eval_loss", "bytes_per_token", "decontaminated_rows")
+
+
+def headline_metric(metrics: dict[str, Any]) -> str:
+    """`name value` of a stage's headline metric, or "" when it has none."""
+    for key in HEADLINE_METRICS:
+        if isinstance(metrics.get(key), (int, float)):
+            return f"{key} {metrics[key]:.4g}"
+    return ""
+
+
 class Console:
     """The user's terminal (or log), kept open while the process streams are redirected."""
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from posttrain.strict import StrictModel
+from posttrain.training.speed import AttentionChoice
 from posttrain.stages.base import Stage, StageConfig, StageContext, TrainsWeights, check_training_keys
 
 
@@ -36,7 +37,7 @@ class LogitsDataset(StrictModel):
         return self
 
 
-class DistillConfig(StageConfig, TrainsWeights):
+class DistillConfig(StageConfig, TrainsWeights, AttentionChoice):
     kind: Literal["distill"] = "distill"
     model: str = Field("base", description="The student: a stage or model.")
     teacher_logits: str | None = Field(None, description="A capture_logits stage.")

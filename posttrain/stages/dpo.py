@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from posttrain.data.sources import DataConfig, config_problems, local_data_files
+from posttrain.training.speed import AttentionChoice
 from posttrain.stages.base import (ChatTraining, Stage, StageConfig, StageContext, TrainsWeights,
                                    check_training_keys)
 
@@ -23,7 +24,7 @@ DPO_FIELDS = ("trainer/dpo_config.py", "DPOConfig")
 DPO_OWN_KEYS = {"beta", "loss_type", "loss_weights", "label_smoothing", "precompute_ref_log_probs"}
 
 
-class DPOStageConfig(StageConfig, ChatTraining, TrainsWeights):
+class DPOStageConfig(StageConfig, ChatTraining, TrainsWeights, AttentionChoice):
     kind: Literal["dpo"] = "dpo"
     model: str = Field("base", description="Stage or model to optimise (the policy).")
     ref_model: str | None = Field(None, description="Reference stage or model; default: the policy's input.")

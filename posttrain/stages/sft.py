@@ -11,10 +11,11 @@ from typing import Any, Literal
 from pydantic import Field
 
 from posttrain.data.sources import DataConfig, config_problems, local_data_files
+from posttrain.training.speed import AttentionChoice
 from posttrain.stages.base import (ChatTraining, Stage, StageConfig, StageContext, TrainsWeights,
                                    check_training_keys)
 
-class SFTStageConfig(StageConfig, ChatTraining, TrainsWeights):
+class SFTStageConfig(StageConfig, ChatTraining, TrainsWeights, AttentionChoice):
     kind: Literal["sft"] = "sft"
     model: str = Field("base", description="Stage or model to fine-tune.")
     data: DataConfig

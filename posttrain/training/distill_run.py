@@ -8,7 +8,7 @@ from posttrain.kd.losses import distill_loss
 from posttrain.kd.tokenizer_check import check_compatible
 from posttrain.errors import UserError
 from posttrain.context import StageContext
-from posttrain.training.speed import speed_settings, torch_cuda_available
+from posttrain.training.speed import choose_attention, speed_settings, torch_cuda_available
 from posttrain.training.trainer_common import (callbacks, device_defaults, load_chat_tokenizer, logged_series,
                                                save_model_entry, sharded)
 from posttrain.training.trainer_common import train as train_model
@@ -111,6 +111,7 @@ def run_distill(config, ctx: StageContext) -> dict[str, Any]:
     student_path = ctx.inputs["model"].path
     tokenizer = load_chat_tokenizer(student_path, None, ctx)
     model = load_trainable(student_path, config.master_weights)
+    choose_attention(model, config.attn_implementation)
     install_distill_forward(model)
     if config.teacher_logits or config.teacher_logits_path:
         folder = ctx.inputs["teacher_logits"].path if config.teacher_logits else ctx.resolve(config.teacher_logits_path)

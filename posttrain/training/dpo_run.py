@@ -5,7 +5,7 @@ import json
 from typing import Any
 
 from posttrain.context import StageContext
-from posttrain.training.speed import speed_settings, torch_cuda_available
+from posttrain.training.speed import choose_attention, speed_settings, torch_cuda_available
 from posttrain.training.trainer_common import (callbacks, device_defaults, load_chat_tokenizer, lora_config,
                                                save_model_entry, sharded)
 from posttrain.training.trainer_common import train as train_model
@@ -60,9 +60,10 @@ def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
     if "ref_model" in ctx.inputs:
         # Same dtype as the policy: at step 0 both must give identical log-probs.
         ref_model = load_trainable(ctx.inputs["ref_model"].path, config.master_weights)
-    if config.padding_free:
-        for network in (model, ref_model):
-            if network is not None:
+    for network in (model, ref_model):
+        if network is not None:
+            choose_attention(network, config.attn_implementation)
+            if config.padding_free:
                 install_packed_backbone(network)
     checkpoints = ctx.work_dir / "checkpoints"
     training = speed_settings(device_defaults(dict(config.training), evaluation is not None), torch_cuda_available())

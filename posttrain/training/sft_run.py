@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 from posttrain.context import StageContext
-from posttrain.training.speed import speed_settings, torch_cuda_available
+from posttrain.training.speed import choose_attention, speed_settings, torch_cuda_available
 from posttrain.training.trainer_common import (callbacks, device_defaults, load_chat_tokenizer, logged_series,
                                                lora_config, save_model_entry, sharded)
 from posttrain.training.trainer_common import train as train_model
@@ -28,6 +28,7 @@ def run_sft(config, ctx: StageContext) -> dict[str, Any]:
     if config.packing:
         train, evaluation = _packed(train, config.data.max_length, ctx), _packed(evaluation, config.data.max_length, ctx)
     model = load_trainable(source, config.master_weights)
+    choose_attention(model, config.attn_implementation)
     checkpoints = ctx.work_dir / "checkpoints"
     training = speed_settings(device_defaults(dict(config.training), evaluation is not None), torch_cuda_available())
     args = SFTConfig(

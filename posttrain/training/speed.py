@@ -1,8 +1,8 @@
-"""Optional fast paths of the trainers: torch.compile and Liger's kernels.
+"""Optional fast paths of the trainers: the attention kernel, torch.compile and Liger's kernels.
 
-Both are plain TrainingArguments fields set under a stage's `training:`. They change how fast a stage
-trains, not what it learns, so they are left out of entry keys (posttrain/keys.py SPEED_SETTINGS) and
-recorded in the manifest. Liger's fused linear cross-entropy is never used: it replaces the model's
+`attn_implementation` is a stage setting; the other two are plain TrainingArguments fields set under a
+stage's `training:`. They change how fast a stage trains, not what it learns, so they are left out of
+entry keys (posttrain/keys.py SPEED_SETTINGS) and recorded in the manifest. Liger's fused linear cross-entropy is never used: it replaces the model's
 forward, where trl's fused head (sft, dpo) and the sparse-KD head (distill) already live; its layer
 kernels (RMSNorm, RoPE, SwiGLU) are what it adds. They are Triton kernels, so CUDA only.
 """
@@ -12,7 +12,32 @@ import importlib.util
 import logging
 from typing import Any
 
+from pydantic import Field
+
+from posttrain.errors import UserError
+from posttrain.strict import StrictModel
+
 log = logging.getLogger("posttrain.speed")
+
+
+class AttentionChoice(StrictModel):
+    """The attention kernel of a training stage's model (sft, dpo, distill)."""
+
+    attn_implementation: str | None = Field(
+        None, description="transformers' attention kernel: sdpa (its default), eager, flash_attention_2, "
+                          "flash_attention_3, flex_attention, or a kernels-hub name. Padding-free and packed "
+                          "batches need a variable-length kernel (flash_attention_*) to save attention time.")
+
+
+def choose_attention(model, name: str | None) -> None:
+    """Switch a loaded model to the recipe's attention kernel; one clear error when this machine lacks it."""
+    if name is None:
+        return
+    try:
+        model.set_attn_implementation(name)
+    except (ImportError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"attn_implementation: {name!r} cannot be used here: {first_line}") from None
 
 LIGER_INSTALL = "pip install 'posttrain[liger]'"
 
