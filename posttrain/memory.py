@@ -170,11 +170,14 @@ def training_bytes(kind: str, config: Any, arch: Architecture, launch: Launch) -
     parts["activations"] = arch.layers * per_layer + (
         ACTIVATION_BYTES_PER_TOKEN_AND_HIDDEN * tokens * arch.hidden * width / 2 if checkpointing else 0)
     if kind == "distill":
-        # One chunk of logits, recomputed in backward: the logits, the teacher-side log-softmax,
-        # probabilities and their gradients, ~32 bytes a logit measured on CPU in fp32
-        # (bench/plan_memory.py; 20 assumed before was 27% low), +12 with the CE term; never [tokens x vocab].
+        # One chunk of logits at a time: the logits, the teacher-side log-softmax, probabilities and their
+        # gradients, ~32 bytes a logit measured on CPU in fp32 (bench/plan_memory.py; 20 assumed before was
+        # 27% low), +12 with the CE term; never [tokens x vocab].
         per_logit = (width + 28) + (12 if getattr(config, "alpha", 1.0) < 1 else 0)
         parts["logits (one chunk)"] = per_logit * min(tokens, getattr(config, "chunk_size", 1024)) * arch.vocab
+        # The head's gradient, made in the forward with each chunk (kd/fused.py) and held until backward:
+        # the whole head on every process, sharded or not.
+        parts["head gradient (fused loss)"] = master * arch.vocab * arch.hidden
     else:
         # The whole batch's logits (trl materialises [tokens x vocab]): the model's output, the loss's
         # fp32 log-softmax and gradients, and trl's entropy / accuracy metrics over the same logits: ~32

@@ -205,3 +205,73 @@ def test_vllm_prompt_logprobs_convert_to_our_alignment_with_objects_built_here()
     assert values[2].tolist() == [-math.inf, -math.inf] and tails[2] == 0.0  # last position: never trained on
     with pytest.raises(ValueError, match="fewer than k"):
         from_prompt_logprobs(prompt, k=3)
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "renormalized", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+def test_the_fused_loss_equals_the_checkpointed_one_in_value_and_gradient(loss, alpha):
+    """kd/fused.py makes each chunk's gradient in the forward; value, hidden-state and head gradients
+    equal kd/losses.py's chunked, checkpointed loss, with a stored tail and an outside normalizer."""
+    from posttrain.kd.fused import fused_distill_loss
+
+    torch.manual_seed(1)
+    head = torch.nn.Linear(16, V, bias=False)
+    base = torch.randn(29, 16)
+    teacher = torch.randn(29, V) * 2
+    ids, values = topk_targets(teacher, 6)
+    tail = log1mexp(torch.logsumexp(values, -1))
+    labels = torch.randint(0, V, (29,))
+    runs = []
+    for fn in (distill_loss, fused_distill_loss):
+        hidden = base.clone().requires_grad_(True)
+        head.weight.grad = None
+        total, parts = fn(hidden, head, ids, values, labels, alpha=alpha, loss=loss, temperature=2.0,
+                          chunk_size=8, teacher_tail=tail, normalizer=torch.tensor(40.0))
+        (3.0 * total).backward()  # a scaled upstream gradient reaches both the same way
+        runs.append((total.detach(), hidden.grad, head.weight.grad.clone(), parts))
+    (total_a, hidden_a, head_a, parts_a), (total_b, hidden_b, head_b, parts_b) = runs
+    torch.testing.assert_close(total_b, total_a)
+    torch.testing.assert_close(hidden_b, hidden_a)
+    torch.testing.assert_close(head_b, head_a)
+    assert set(parts_b) == set(parts_a)
+    for key, value in parts_a.items():
+        assert isinstance(parts_b[key], torch.Tensor)  # left on the device: no sync per micro-batch
+        assert float(parts_b[key]) == pytest.approx(value, rel=1e-5)
+
+
+def test_the_fused_loss_equals_the_float64_reference_for_a_confident_student():
+    """Through the head: hidden states whose logits put all but ~1e-16 of the mass on one stored token."""
+    from posttrain.kd.fused import fused_distill_loss
+
+    torch.manual_seed(2)
+    hidden = torch.randn(4, 8)
+    weight = torch.randn(V, 8) * 0.1
+    weight[0] = hidden.mean(0) * 0 + 1.0
+    hidden[:, :] = hidden.abs() + 5.0  # logit 0 is ~40 above the rest
+    teacher = torch.randn(4, V) * 2
+    ids, _ = topk_targets(teacher, 8)
+    ids[:, -1] = 0
+    values = F.log_softmax(teacher, -1).gather(-1, ids)
+    head = torch.nn.Linear(8, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    h32 = hidden.clone().requires_grad_(True)
+    total, _ = fused_distill_loss(h32, head, ids, values, torch.zeros(4, dtype=torch.long), chunk_size=3)
+    total.backward()
+    h64 = hidden.double().clone().requires_grad_(True)
+    want = _bucketed_reference(h64 @ weight.double().T, ids, values).mean()
+    want.backward()
+    torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h32.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_fused_loss_without_gradients_is_the_plain_one():
+    from posttrain.kd.fused import fused_distill_loss
+
+    head = torch.nn.Linear(8, V, bias=False)
+    hidden = torch.randn(5, 8)
+    ids, values = topk_targets(torch.randn(5, V), 4)
+    with torch.no_grad():
+        a, _ = fused_distill_loss(hidden, head, ids, values, torch.zeros(5, dtype=torch.long))
+    b, _ = distill_loss(hidden, head, ids, values, torch.zeros(5, dtype=torch.long))
+    torch.testing.assert_close(a, b)

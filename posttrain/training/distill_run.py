@@ -4,7 +4,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from posttrain.kd.losses import distill_loss
+from posttrain.kd.fused import fused_distill_loss
 from posttrain.kd.tokenizer_check import check_compatible
 from posttrain.errors import UserError
 from posttrain.context import StageContext
@@ -94,7 +94,7 @@ def install_distill_forward(model) -> None:
             return {"loss": self.get_output_embeddings()(hidden[:, :1]).sum() * 0.0, "parts": {}}
         # Picked by index, not by a boolean mask: the result's size is known without asking the device.
         trained = hidden.reshape(-1, hidden.shape[-1]).index_select(0, valid_index)
-        loss, parts = distill_loss(
+        loss, parts = fused_distill_loss(
             trained, self.get_output_embeddings(), target_ids, target_values, next_tokens,
             alpha=distill["alpha"], loss=distill["loss"], temperature=distill["temperature"],
             chunk_size=distill["chunk_size"], teacher_tail=target_tail, normalizer=normalizer)
