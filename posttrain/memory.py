@@ -174,7 +174,9 @@ def training_bytes(kind: str, config: Any, arch: Architecture, launch: Launch) -
         # gradients, ~32 bytes a logit measured on CPU in fp32 (bench/plan_memory.py; 20 assumed before was
         # 27% low), +12 with the CE term; never [tokens x vocab].
         per_logit = (width + 28) + (12 if getattr(config, "alpha", 1.0) < 1 else 0)
-        parts["logits (one chunk)"] = per_logit * min(tokens, getattr(config, "chunk_size", 1024)) * arch.vocab
+        # The fused loss (kd/fused.py) works in half chunks at ~1.2x those bytes a logit.
+        positions = (min(tokens, getattr(config, "chunk_size", 1024)) + 1) // 2
+        parts["logits (one chunk)"] = 1.2 * per_logit * positions * arch.vocab
         # The head's gradient, made in the forward with each chunk (kd/fused.py) and held until backward:
         # the whole head on every process, sharded or not.
         parts["head gradient (fused loss)"] = master * arch.vocab * arch.hidden
