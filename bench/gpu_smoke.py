@@ -3,7 +3,11 @@
 
 Run it whenever a GPU is available (the project never needs one to pass its tests):
 
-    python bench/gpu_smoke.py [--steps 30] [--seq 1024] [--batch 4] [--out results.json]
+    python bench/gpu_smoke.py [--steps 30] [--seq 1024] [--batch 4] [--out results.json] [--trace DIR]
+
+`--trace DIR` runs each listed stage again for a few steps under torch.profiler (CPU and CUDA
+activities) and writes DIR/trace_<stage>.json.gz (chrome://tracing, Perfetto) and the 25 costliest ops
+into the results: where the GPU time goes, and where it waits (cudaStreamSynchronize, item, copies).
 
 For each stage it reports tokens/s, MFU (6 x params x tokens/s against the card's dense bf16 peak),
 peak GPU memory (torch.cuda.max_memory_allocated) against `posttrain plan`'s estimate for the same
@@ -144,6 +148,8 @@ def main() -> None:
                         help="comma-separated stages, run in this order (sft_again: SFT again at another lr; "
                              "sft_compiled / sft_liger / sft_padding_free / dpo_padding_free: the fast paths, same shape; "
                              "capture_vllm: the capture through vLLM, compared with the HF one; eval_vllm: lm-eval's local tasks on the HF and the vllm backends; both need vLLM installed)")
+    parser.add_argument("--trace", default=None, help="write torch.profiler traces of sft, dpo and distill here")
+    parser.add_argument("--trace-steps", type=int, default=4, help="steps of each traced stage")
     args = parser.parse_args()
     import torch
 
@@ -316,6 +322,35 @@ def main() -> None:
     runs = {"sft_plain_trl": trl_baseline, "sft": sft, "sft_again": sft_again, "dpo": dpo, "capture": capture,
             "capture_vllm": capture_vllm, "distill": distill, "eval_vllm": eval_vllm, "sft_compiled": sft_compiled,
             "sft_liger": sft_liger, "sft_padding_free": sft_padding_free, "dpo_padding_free": dpo_padding_free}
+    def traced(name: str) -> None:
+        """The stage again, a few steps at another learning rate (so it is built, not reused), profiled."""
+        import gzip
+
+        from torch.profiler import ProfilerActivity, profile
+
+        folder = Path(args.trace)
+        folder.mkdir(parents=True, exist_ok=True)
+        few = {**training, "max_steps": args.trace_steps, "learning_rate": 7e-6}
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities, record_shapes=False) as prof:
+            if name == "distill":
+                posttrain.distill(work / "base", results["capture_dir"], registry=registry, chat_template="llama-3.1",
+                                  **few)
+            elif name == "dpo":
+                posttrain.dpo(results["sft_dir"], {"sources": [{"path": str(prefs)}], "max_length": args.seq},
+                              registry=registry, **few)
+            else:
+                posttrain.sft(work / "base", sft_stage["data"], registry=registry, chat_template="llama-3.1", **few)
+        raw = folder / f"trace_{name}.json"
+        prof.export_chrome_trace(str(raw))
+        with raw.open("rb") as source, gzip.open(f"{raw}.gz", "wb") as target:
+            shutil.copyfileobj(source, target)
+        raw.unlink()
+        sort = "cuda_time_total" if cuda else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=25)
+        results.setdefault("profiles", {})[name] = {"trace": f"{raw}.gz", "steps": args.trace_steps, "top_ops": table}
+        print(f"trace of {name}: {raw}.gz\n{table}", flush=True)
+
     for name in args.only.split(","):
         fn = runs[name]
         if name in ("dpo", "dpo_padding_free", "capture", "eval_vllm") and "sft_dir" not in results:
@@ -329,6 +364,8 @@ def main() -> None:
             print(f"{name} skipped: liger-kernel is not installed (pip install 'posttrain[liger]')", flush=True)
             continue
         stage(name, fn)
+        if args.trace and name in ("sft", "dpo", "distill") and name in results["stages"]:
+            stage(f"trace_{name}", lambda name=name: traced(name))
     base, ours = results["stages"].get("sft_plain_trl", {}), results["stages"].get("sft", {})
     if base.get("tokens_per_s") and ours.get("tokens_per_s"):
         results["sft_tokens_per_s_ratio_vs_trl"] = round(ours["tokens_per_s"] / base["tokens_per_s"], 3)

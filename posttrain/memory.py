@@ -199,12 +199,12 @@ def estimate(kind: str, config: Any, arch: Architecture, launch: Launch | int) -
     if isinstance(launch, int):
         launch = Launch(launch, "fsdp" if launch > 1 else "ddp")
     p = arch.parameters
+    data = getattr(config, "data", None)
+    seq = getattr(data, "max_length", None) or getattr(config, "max_length", None) or 2048
     if kind in ("sft", "dpo", "distill"):
         parts = training_bytes(kind, config, arch, launch)
         training = dict(getattr(config, "training", {}) or {})
         batch = int(training.get("per_device_train_batch_size", 8)) * (2 if kind == "dpo" else 1)
-        data = getattr(config, "data", None)
-        seq = getattr(data, "max_length", None) or getattr(config, "max_length", 2048)
         checkpointing = bool(getattr(config, "gradient_checkpointing", False))
         shard = (f"{launch.engine} over {launch.processes}" if launch.shards > 1
                  else "whole copy per process" if launch.processes > 1 else "1 device")

@@ -198,3 +198,25 @@ def test_plan_estimates_per_device_by_engine():
 
     assert distill(4096)["logits (one chunk)"] == distill(8192)["logits (one chunk)"]
     assert distill(8192)["activations"] == pytest.approx(2 * distill(4096)["activations"])
+
+
+def test_every_built_in_kind_has_an_estimate_that_plan_can_print():
+    """`plan` asks `estimate` for every stage; a kind whose branch fails would end `plan` in a traceback
+    (the capture estimate once read a sequence length only the training branch had set)."""
+    from posttrain.memory import KNOWN_ARCHITECTURES, Architecture, estimate
+    from posttrain.stages import get_stage
+
+    raw = KNOWN_ARCHITECTURES["PrimeIntellect/INTELLECT-1"]
+    arch = Architecture(raw["num_hidden_layers"], raw["hidden_size"], raw["intermediate_size"],
+                        raw["num_attention_heads"], raw["num_key_value_heads"], raw["vocab_size"], False)
+    data = {"sources": [{"path": "x.jsonl"}], "max_length": 4096}
+    configs = {
+        "capture_logits": {"kind": "capture_logits", "data": data, "batch_size": 2},
+        "distill": {"kind": "distill", "teacher_logits_path": "x"},
+        "sft": {"kind": "sft", "data": data},
+        "dpo": {"kind": "dpo", "data": data},
+    }
+    for kind, body in configs.items():
+        line = estimate(kind, get_stage(kind).Config.model_validate(body), arch, 1)
+        assert line.startswith("~") and "GiB" in line, (kind, line)
+    assert "4096" in estimate("sft", get_stage("sft").Config.model_validate(configs["sft"]), arch, 1)
