@@ -42,10 +42,14 @@ def choose_attention(model, name: str | None) -> None:
 LIGER_INSTALL = "pip install 'posttrain[liger]'"
 
 
+def liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 def speed_problems(training: dict[str, Any]) -> list[tuple[str, str]]:
     """Recipe problems with the speed settings of a stage's `training:` (dotted path, message)."""
     problems = []
-    if training.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
+    if training.get("use_liger_kernel") and not liger_installed():
         problems.append(("training.use_liger_kernel", f"needs the liger-kernel package ({LIGER_INSTALL})"))
     config = training.get("liger_kernel_config") or {}
     if isinstance(config, dict) and config.get("fused_linear_cross_entropy"):
