@@ -14,8 +14,12 @@ Key policy (the README's registry section says it to users):
   stage runs rebuilds that stage's entries and those downstream of them.
 - A stage's `version` still forces a rebuild of its kind by hand, for example when a dependency's
   behaviour changes under unchanged code.
-- Each entry records which files its code hash covered (`code_files` in its key material), so
-  `plan` names the files that changed when it says a stage will rebuild.
+- Where code lives does not count, only what it is: the hash covers the files' contents, not their
+  paths, and an import of a posttrain module counts by the names it imports, not the module's dotted
+  path. Moving a module to another folder (its importers updated), or splitting a package into
+  folders, keeps every key; `tests/test_reliability.py` moves modules and checks the flagship's keys.
+- Each entry records which files its code hash covered (`code_files` in its key material, left out of
+  the key itself), so `plan` names the files that changed when it says a stage will rebuild.
 """
 from __future__ import annotations
 
@@ -85,12 +89,31 @@ def module_closure(module: str, root: Path = PACKAGE_ROOT.parent) -> list[Path]:
     return sorted(set(seen.values()))
 
 
-def behaviour_text(source: str) -> str:
-    """Python source without what cannot change behaviour: docstrings, comments, blank lines and
-    trailing spaces. Worked from the text itself (not an AST dump, whose shape differs between Python
-    versions), so one registry serves machines on different Pythons."""
+def _span(node: ast.AST) -> tuple[int, int, int, int]:
+    return (node.lineno, node.col_offset, node.end_lineno or node.lineno, node.end_col_offset or 0)
+
+
+def _package_import(node: ast.AST, package: str) -> str | None:
+    """A posttrain import without the module's dotted path (`from posttrain import a, b as c`), so a
+    module moved between folders reads the same to its importers; None for other statements."""
+    def names(aliases: list[ast.alias]) -> str:
+        return ", ".join(a.name.rpartition(".")[2] + (f" as {a.asname}" if a.asname else "") for a in aliases)
+
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package:
+        return f"from {package} import {names(node.names)}"
+    if isinstance(node, ast.Import) and all(a.name.split(".")[0] == package for a in node.names):
+        return f"import {names(node.names)}"
+    return None
+
+
+def behaviour_text(source: str, package: str = PACKAGE) -> str:
+    """Python source without what cannot change behaviour: docstrings, comments, blank lines, trailing
+    spaces and the dotted paths of `package`'s own modules in its imports. Worked from the text itself
+    (not an AST dump, whose shape differs between Python versions), so one registry serves machines on
+    different Pythons."""
     lines = source.splitlines()
-    drop: list[tuple[int, int, int, int]] = []  # (start line, start col, end line, end col), 1-based lines
+    # (start line, start col, end line, end col) -> what replaces it; 1-based lines
+    edits: list[tuple[tuple[int, int, int, int], str]] = []
     try:
         tree = ast.parse(source)
     except SyntaxError:
@@ -101,17 +124,25 @@ def behaviour_text(source: str) -> str:
             first = body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
                     and isinstance(first.value.value, str):
-                drop.append((first.lineno, first.col_offset, first.end_lineno or first.lineno,
-                             first.end_col_offset or 0))
+                edits.append((_span(first), ""))
+        statement = _package_import(node, package)
+        if statement is not None:
+            edits.append((_span(node), statement))
     try:
         for token in tokenize.generate_tokens(io.StringIO(source).readline):
             if token.type == tokenize.COMMENT:
-                drop.append((token.start[0], token.start[1], token.end[0], token.end[1]))
+                edits.append(((token.start[0], token.start[1], token.end[0], token.end[1]), ""))
     except (tokenize.TokenError, IndentationError):
         pass
-    for start_line, start_col, end_line, end_col in sorted(drop, reverse=True):
+    # Comments inside a multi-line import lie within the import's span: the import's edit covers them.
+    edits.sort(key=lambda edit: edit[0], reverse=True)
+    done: list[tuple[int, int, int, int]] = []
+    for (start_line, start_col, end_line, end_col), replacement in edits:
+        if any((a, b) <= (start_line, start_col) and (end_line, end_col) <= (c, d) for a, b, c, d in done):
+            continue
         head, tail = lines[start_line - 1][:start_col], lines[end_line - 1][end_col:]
-        lines[start_line - 1:end_line] = [head + tail]
+        lines[start_line - 1:end_line] = [head + replacement + tail]
+        done.append((start_line, start_col, end_line, end_col))
     return "\n".join(line.rstrip() for line in lines if line.strip())
 
 
@@ -127,10 +158,11 @@ def file_digests(files: list[Path], root: Path) -> dict[str, str]:
 
 
 def fingerprint_files(files: list[Path], root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + _file_text(path) + b"\0")
-    return digest.hexdigest()
+    """sha256 over the sorted digests of what counts in each file: the files' contents, not their paths
+    (a package's `__init__.py` with nothing in it but its docstring counts as nothing)."""
+    texts = (_file_text(path) for path in files)
+    digests = sorted(hashlib.sha256(text).hexdigest() for text in texts if text.strip())
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
 def _stage_files(module: str, root: Path) -> tuple[list[Path], Path] | None:

@@ -122,7 +122,10 @@ def compute_keys(loaded: LoadedRecipe, cache: FingerprintCache, choose: Chooser 
             "data": data,
             "seed": seed,
         }
-        keys[name] = StageKey(name, entry_key(material), material)
+        # `code_files` names the files by path to explain a rebuild; the key takes only `code`, so
+        # moving a module to another folder keeps every key (code_fingerprint's policy).
+        keyed = {part: value for part, value in material.items() if part != "code_files"}
+        keys[name] = StageKey(name, entry_key(keyed), material)
     cache.save()
     return keys
 

@@ -82,9 +82,10 @@ class MergeStage(Stage):
 
         from posttrain.code_fingerprint import code_fingerprint
         from posttrain.registry.keys import canonical_json
+        from posttrain.training import merge_run
 
         material = {"config": config.model_dump(mode="json"), "mergekit": version("mergekit"),
-                    "code": code_fingerprint("posttrain.training.merge_run")}
+                    "code": code_fingerprint(merge_run.__name__)}
         cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "posttrain" / "validate"
         cached = cache_root / f"merge-{hashlib.sha256(canonical_json(material).encode()).hexdigest()[:32]}.json"
         if cached.is_file():

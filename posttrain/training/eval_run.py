@@ -68,7 +68,7 @@ def _cache_path(config, ctx: StageContext, index: int, include: Path | None) -> 
     tasks = sorted((str(p.relative_to(include)), hashlib.sha256(p.read_bytes()).hexdigest())
                    for p in include.rglob("*") if p.is_file()) if include else []
     material = {"settings": settings, "inputs": inputs, "tasks": tasks, "seed": ctx.seed,
-                "code": code_fingerprint("posttrain.stages.evaluate")}
+                "code": code_fingerprint(__name__)}  # this body and what it runs
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     return ctx.results_cache / "eval" / f"{digest}.json"
 
