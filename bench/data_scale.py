@@ -39,7 +39,7 @@ from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 sys.path.insert(0, sys.argv[6])
-from posttrain.chat_templates import resolve_chat_template
+from posttrain.hf.chat_templates import resolve_chat_template
 base, data, out, max_length, report = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 tok = AutoTokenizer.from_pretrained(base)
 tok.chat_template = resolve_chat_template("llama-3.1", sys.argv[6]).text

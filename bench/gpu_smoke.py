@@ -94,8 +94,8 @@ def reset_gpu() -> None:
 
 def plan_estimate(kind: str, model_dir: Path, stage: dict) -> str:
     """`posttrain plan`'s per-device estimate for this stage's settings."""
-    from posttrain.memory import architecture_of, estimate
-    from posttrain.stages import get_stage
+    from posttrain.planning.memory import architecture_of, estimate
+    from posttrain.kinds import get_stage
 
     config = get_stage(kind).Config.model_validate({"kind": kind, **stage})
     return estimate(kind, config, architecture_of(str(model_dir), ROOT), 1)
@@ -123,7 +123,7 @@ def plain_trl_sft(model_dir: Path, chat: Path, out: Path, training: dict, seq: i
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from posttrain.chat_templates import resolve_chat_template
+    from posttrain.hf.chat_templates import resolve_chat_template
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = resolve_chat_template("llama-3.1", ROOT).text

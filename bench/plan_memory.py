@@ -29,7 +29,7 @@ sys.path.insert(0, str(BENCH))
 BASELINE = """
 import sys, torch, transformers, trl, peft, datasets  # what a stage process imports
 import posttrain.runner
-from posttrain.training.weights import load_trainable
+from posttrain.hf.weights import load_trainable
 model = load_trainable(sys.argv[1])
 """
 
@@ -57,8 +57,8 @@ def main() -> None:
     import yaml
 
     import gpu_smoke
-    from posttrain.memory import Launch, architecture_of, training_bytes
-    from posttrain.stages import get_stage
+    from posttrain.planning.memory import Launch, architecture_of, training_bytes
+    from posttrain.kinds import get_stage
 
     work = Path(tempfile.mkdtemp(prefix="plan-memory-"))
     shape = {"hidden_size": args.hidden, "intermediate_size": int(args.hidden * 2.75), "num_hidden_layers": args.layers,

@@ -16,8 +16,8 @@ _LAZY = {
     "plan": ("posttrain.runner", "plan"),
     "load_recipe": ("posttrain.recipe", "load_recipe"),
     "Registry": ("posttrain.registry", "Registry"),
-    "UserError": ("posttrain.errors", "UserError"),
-    "RecipeError": ("posttrain.errors", "RecipeError"),
+    "UserError": ("posttrain.core.errors", "UserError"),
+    "RecipeError": ("posttrain.core.errors", "RecipeError"),
 }
 
 

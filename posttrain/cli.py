@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from posttrain import signals
-from posttrain.errors import UserError
+from posttrain.core import signals
+from posttrain.core.errors import UserError
 
 
 def _registry_for(args):
@@ -276,7 +276,7 @@ def _print_gates(result) -> int:
 
 def _summary_table(result) -> list[str]:
     """stage, kind, status, time and the key metric of every stage of the run."""
-    from posttrain.console import headline_metric
+    from posttrain.runner import headline
 
     rows = [("stage", "kind", "status", "time", "key metric")]
     for name, entry in result.entries.items():
@@ -286,7 +286,7 @@ def _summary_table(result) -> list[str]:
             continue
         metrics = entry.manifest.get("metrics", {})
         seconds = entry.manifest.get("timings", {}).get("seconds")
-        key_metric = headline_metric(metrics)
+        key_metric = headline(entry.kind, metrics).strip()
         jobs = result.jobs.get(name)
         status = ("ran" if name in result.ran else "cached") + (f" (job {jobs[-1]})" if jobs and name in result.ran else "")
         rows.append((name, entry.kind, status, f"{seconds:.1f}s" if isinstance(seconds, (int, float)) else "-",
@@ -328,7 +328,7 @@ def cmd_ls(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from posttrain.model_card import lineage_lines
+    from posttrain.hf.model_card import lineage_lines
     from posttrain.registry import CorruptEntry
 
     registry = _registry_for(args)
@@ -466,7 +466,7 @@ def cmd_recode(args) -> int:
     import shutil
     import tempfile
 
-    from posttrain.training.recode_run import recode_capture
+    from posttrain.kinds.recode_logits.run import recode_capture
 
     source, target = Path(args.source).expanduser().resolve(), Path(args.target).expanduser().resolve()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -486,7 +486,7 @@ def cmd_recode(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from posttrain.schema import recipe_schema
+    from posttrain.recipe.schema import recipe_schema
 
     print(json.dumps(recipe_schema(), indent=2))
     return 0

@@ -10,10 +10,16 @@ from typing import Any
 
 from posttrain.registry import Entry, short
 
-CURVES = {  # metric series worth plotting, by the names stages store them under
-    "loss": "train loss", "eval_loss": "eval loss", "kd_loss": "KD loss", "ce_loss": "CE loss",
-    "rewards_margins": "reward margin", "rewards_accuracies": "preference accuracy",
-}
+def curves_of(kind: str) -> dict[str, str]:
+    """Metric series worth plotting for a kind (its `Stage.curves` hook); a kind no longer installed gets
+    the losses."""
+    from posttrain.core.errors import UserError
+    from posttrain.kinds import get_stage
+
+    try:
+        return get_stage(kind).curves()
+    except UserError:
+        return {"loss": "train loss", "eval_loss": "eval loss"}
 
 
 @dataclass
@@ -99,14 +105,15 @@ def plot_curves(report: Report, out: Path) -> dict[str, Path]:
     written = {}
     for name, entry in report.entries.items():
         metrics = entry.manifest.get("metrics", {})
-        available = {key: series(metrics.get(key)) for key in CURVES}
+        curves = curves_of(entry.kind)
+        available = {key: series(metrics.get(key)) for key in curves}
         available = {k: v for k, v in available.items() if v}
         if not available:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
         for key, points in available.items():
             steps, values = zip(*points)
-            ax.plot(steps, values, marker="o" if len(points) < 3 else None, linewidth=1.8, label=CURVES[key])
+            ax.plot(steps, values, marker="o" if len(points) < 3 else None, linewidth=1.8, label=curves[key])
         ax.set_title(f"{name} ({entry.kind})")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -13,17 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from posttrain import signals
-from posttrain.errors import UserError
+from posttrain.core import signals
+from posttrain.core.errors import UserError
+from posttrain.kinds import get_stage
 from posttrain.console import headline_metric, progress_reporter, streams_to
-from posttrain.fingerprint import FingerprintCache
-from posttrain.gates import GateResult, Objective, check_gates
-from posttrain.hf_folder import missing_parts
-from posttrain.keys import StageKey, compute_keys, explain_change, operational_settings
-from posttrain.model_card import write_model_card
+from posttrain.registry.file_fingerprint import FingerprintCache
+from posttrain.evaluation.gates import GateResult, Objective, check_gates
+from posttrain.hf.model_folder import missing_parts
+from posttrain.planning.stage_keys import StageKey, compute_keys, explain_change, operational_settings
+from posttrain.hf.model_card import write_model_card
 from posttrain.recipe.load import LoadedRecipe, load_recipe
 from posttrain.registry import CorruptEntry, Entry, Registry, resolve_root, short
-from posttrain.stages import StageContext
+from posttrain.kinds import StageContext
 
 log = logging.getLogger("posttrain")
 LIBRARIES = ("posttrain", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "mergekit", "lm_eval")
@@ -130,7 +131,7 @@ def plan(loaded: LoadedRecipe, registry: Registry) -> list[PlanItem]:
     chooser = Chooser(loaded, registry)
     keys = compute_keys(loaded, FingerprintCache(registry.root / "cache" / "fingerprints.json"), chooser)
     names = {k.key: n for n, k in keys.items()}
-    from posttrain.memory import estimates_for
+    from posttrain.planning.memory import estimates_for
 
     memory = estimates_for(loaded)
     items = []
@@ -376,13 +377,22 @@ def _build(run: _Run, name: str, prefix: str) -> Entry:
         shutil.copy2(work / STAGE_LOG, tmp / "posttrain.log")
         entry = reg.commit(key, tmp, manifest)
         echo(f"{prefix} {'resumed' if resuming else 'done   '}  {short(key)}  {time.time() - started:.1f}s"
-             f"{headline(metrics)}")
+             f"{headline(loaded.stages[name].kind, metrics)}")
         return entry
 
 
-def headline(metrics: dict[str, Any]) -> str:
-    """The stage's headline metric as its closing line ends with it (console.HEADLINE_METRICS)."""
-    found = headline_metric(metrics)
+def headline_names(kind: str) -> tuple[str, ...]:
+    """The headline metrics of a kind (its `Stage.headline_metrics` hook); a kind no longer installed has
+    the trainers' ones. The closing line, `run`'s summary table and the driver's lines all use this."""
+    try:
+        return get_stage(kind).headline_metrics()
+    except UserError:
+        return ("final_train_loss", "final_eval_loss")
+
+
+def headline(kind: str, metrics: dict[str, Any]) -> str:
+    """The stage's headline metric as its closing line ends with it."""
+    found = headline_metric(metrics, headline_names(kind))
     return f"  {found}" if found else ""
 
 
@@ -490,7 +500,7 @@ def wait_for_commit(reg: Registry, key: str, work: Path, name: str, poll: float 
 
 
 def _as_input(entry: Entry):
-    from posttrain.stages import InputEntry
+    from posttrain.kinds import InputEntry
 
     return InputEntry(entry.key, entry.path, entry.kind, entry.manifest)
 

@@ -67,7 +67,7 @@ def arcee_layout_logits(rows: list[dict], k: int = 8) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from posttrain.chat_templates import resolve_chat_template
+    from posttrain.hf.chat_templates import resolve_chat_template
 
     model_dir = DATA / "tiny-llama"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

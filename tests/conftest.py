@@ -28,21 +28,21 @@ def plugin_site(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def isolated(plugin_site, tmp_path, monkeypatch):
     """Every test gets its own registry and sees the test plugin, in-process and in subprocesses."""
-    from posttrain import stages
+    from posttrain import kinds
 
     for path in (str(plugin_site), str(PLUGINS)):
         if path not in sys.path:
             sys.path.insert(0, path)
-    stages._plugin_targets.cache_clear()
-    stages.get_stage.cache_clear()
+    kinds._plugin_targets.cache_clear()
+    kinds.get_stage.cache_clear()
     pythonpath = os.pathsep.join([str(plugin_site), str(PLUGINS), os.environ.get("PYTHONPATH", "")])
     monkeypatch.setenv("PYTHONPATH", pythonpath)
     monkeypatch.setenv("POSTTRAIN_REGISTRY", str(tmp_path / "registry"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     yield
-    stages._plugin_targets.cache_clear()
-    stages.get_stage.cache_clear()
+    kinds._plugin_targets.cache_clear()
+    kinds.get_stage.cache_clear()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 from posttrain.kd import compact, rans
 from posttrain.kd.packing import pack_fields, unpack_fields
 

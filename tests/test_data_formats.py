@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY_MODEL
 from posttrain.data.formats import to_messages
 from posttrain.data.sources import DataConfig, load_conversations
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 
 CONVERSATION = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5"}]
 SAME_CONVERSATION_IN_EVERY_FORMAT = {
@@ -24,7 +24,7 @@ SAME_CONVERSATION_IN_EVERY_FORMAT = {
 def tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from posttrain.tokenizer_setup import attach_chat_template
+    from posttrain.hf.tokenizer_setup import attach_chat_template
 
     folder = tmp_path_factory.mktemp("tok")
     attach_chat_template(TINY_MODEL, folder, "llama-3.1", folder)

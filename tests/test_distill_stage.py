@@ -158,7 +158,7 @@ def test_corrupt_shard_is_one_clear_error(tmp_path, capsys):
 def test_capture_resumes_shard_by_shard(tmp_path, encoding):
     """A shard finished before an interruption is reused; the rest are captured."""
     from posttrain.registry import Registry
-    from posttrain.stages import StageContext, get_stage
+    from posttrain.kinds import StageContext, get_stage
 
     result = posttrain.run(recipe_with(tmp_path, {"capture": capture(k=8, encoding=encoding)}))
     stage = get_stage("capture_logits")
@@ -169,7 +169,7 @@ def test_capture_resumes_shard_by_shard(tmp_path, encoding):
     out = tmp_path / "out"
     out.mkdir()
     base = Registry(tmp_path / "registry").load(result.entries["base"].key)
-    from posttrain.stages import InputEntry
+    from posttrain.kinds import InputEntry
 
     data = Registry(tmp_path / "registry").load(result.entries["capture.data"].key)
     ctx = StageContext("capture", {"teacher": InputEntry(base.key, base.path, "model", base.manifest),
@@ -194,7 +194,7 @@ def arcee_rows(count: int, double_bos: bool = True, chat: bool = True) -> list[d
     doubled BOS, top-k ids and raw logits per position."""
     from transformers import AutoTokenizer
 
-    from posttrain.chat_templates import resolve_chat_template
+    from posttrain.hf.chat_templates import resolve_chat_template
 
     tok = AutoTokenizer.from_pretrained(TINY_MODEL)
     tok.chat_template = resolve_chat_template("llama-3.1", ROOT).text
@@ -237,9 +237,9 @@ def test_arcee_layout_with_raw_logits_trains_with_the_renormalised_loss(tmp_path
 
 
 def test_arcee_layout_rows_are_cut_at_max_length_double_bos_collapsed_and_assistant_tokens_found(tmp_path):
-    from posttrain.training.distill_data import LengthLimited, LogitsDatasetSequences
-    from posttrain.stages.distill import LogitsDataset
-    from posttrain.tokenizer_setup import attach_chat_template
+    from posttrain.kinds.distill.data import LengthLimited, LogitsDatasetSequences
+    from posttrain.kinds.distill.stage import LogitsDataset
+    from posttrain.hf.tokenizer_setup import attach_chat_template
     from transformers import AutoTokenizer
 
     rows = arcee_rows(12)
@@ -295,7 +295,7 @@ def test_packed_rows_give_the_same_loss_as_separate_sequences(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from posttrain.kd.losses import distill_loss
-    from posttrain.training.distill_data import PackedSequences, ShardSequences, collate
+    from posttrain.kinds.distill.data import PackedSequences, ShardSequences, collate
 
     result = posttrain.run(recipe_with(tmp_path, {"capture": capture(k=16)}))
     data = ShardSequences(result.path("capture"))
@@ -420,7 +420,7 @@ def test_gradient_accumulation_weighs_tokens_not_micro_batches(tmp_path):
 
 
 def test_shards_are_bounded_in_bytes(tmp_path):
-    from posttrain.training.capture_run import shard_groups, stored_bytes_per_position
+    from posttrain.kinds.capture_logits.run import shard_groups, stored_bytes_per_position
 
     assert shard_groups([10, 10, 10, 50, 10], max_sequences=100, max_bytes=250, per_position=10) == \
         [(0, 2), (2, 3), (3, 4), (4, 5)]  # a 500-byte sequence gets a shard of its own
@@ -473,7 +473,7 @@ def test_vllm_backend_run_against_a_stand_in_vllm_built_from_the_hf_model_matche
 
 
 def test_the_vllm_backend_refuses_what_vllm_cannot_give(tmp_path):
-    from posttrain.errors import RecipeError
+    from posttrain.core.errors import RecipeError
     from posttrain.recipe import load_recipe
 
     with pytest.raises(RecipeError, match="stages.c.temperature: vLLM's prompt log-probs are the teacher's own"):
@@ -507,7 +507,7 @@ def test_compact_capture_with_mass_distills_with_no_extra_settings(tmp_path):
 def test_a_batch_carries_only_the_trained_positions_targets_with_their_flat_indices():
     """The collator hands the loss the trained positions by index ([N] longs, [N, k] targets), so the
     device never resolves a boolean mask (a host-device sync each step)."""
-    from posttrain.training.distill_data import collate
+    from posttrain.kinds.distill.data import collate
 
     def row(n, mask):
         return {"input_ids": np.arange(n, dtype=np.int64) + 10, "loss_mask": np.array(mask, dtype=bool),
@@ -531,7 +531,7 @@ def test_the_distill_loss_path_reads_nothing_back_from_the_device(tmp_path, monk
     forward; packed batches and flash-attention take other paths.)"""
     import sys as system
 
-    import posttrain.training.distill_run as distill_run
+    import posttrain.kinds.distill.run as distill_run
 
     calls = []
 

@@ -187,7 +187,7 @@ def test_bad_preference_rows(case, tmp_path):
     assert err.value.field == field and message in str(err.value)
     # Through the data layer, the file and row are named too.
     from posttrain.data.sources import DataConfig, load_preferences
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
 
     data = tmp_path / "p.jsonl"
     data.write_text(json.dumps({"prompt": "ok?", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps(row) + "\n")
@@ -226,7 +226,7 @@ def test_padding_free_pairs_give_the_padded_log_probs_and_gradients():
     from trl.trainer.dpo_trainer import DataCollatorForPreference
     from trl.trainer.utils import add_fused_lm_head
 
-    from posttrain.training.packed_pairs import install_packed_backbone, packed_collator
+    from posttrain.kinds.dpo.packed_pairs import install_packed_backbone, packed_collator
 
     torch.manual_seed(0)
     pairs = [{"prompt_ids": [1, 5, 9, 4], "chosen_ids": [7, 3, 2], "rejected_ids": [8]},
@@ -256,7 +256,7 @@ def test_padding_free_pairs_give_the_padded_log_probs_and_gradients():
 
 
 def test_pair_padding_fraction_counts_the_pads_of_trls_batches():
-    from posttrain.training.packed_pairs import padding_fraction
+    from posttrain.kinds.dpo.packed_pairs import padding_fraction
 
     # Batch 1: rows 4, 2, 3, 1 padded to 4 -> 16 slots, 10 real; batch 2: rows 5, 5 -> none.
     assert padding_fraction([(4, 2), (3, 1), (5, 5)], batch_size=2) == round(1 - 20 / 26, 4)

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT, TINY_MODEL, cli, write_recipe
 from posttrain.data.sources import DataConfig, load_conversations, load_preferences
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 from support import hub_datasets
 from support.hub_datasets import EXPECTED, TOOLACE_SYSTEM
 
@@ -41,7 +41,7 @@ def flagship_data(hub, stage: str) -> tuple[DataConfig, list[str]]:
 def tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from posttrain.tokenizer_setup import attach_chat_template
+    from posttrain.hf.tokenizer_setup import attach_chat_template
 
     folder = tmp_path_factory.mktemp("tok")
     attach_chat_template(TINY_MODEL, folder, "llama-3.1", folder)

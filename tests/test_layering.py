@@ -1,9 +1,12 @@
-"""No import runs up the floors: each posttrain module imports only modules on its floor or below.
+"""No import runs up the floors, and the floors are folders: each posttrain module imports only modules on
+its floor or below.
 
-Floors, from the ground up: shared types (errors, the strict config base, the stage context, signals)
--> building blocks (data, distillation maths, registry, templates, folders) -> stage bodies
-(`training/`) -> stage declarations (`stages/`, what plugins implement) -> recipes and keys -> the
-runner, API, report and CLI. Imports inside functions count too.
+Floors, from the ground up: `core/` (errors, the strict config base, the stage context, signals) ->
+building blocks (`data/`, `kd/`, `registry/`, `hf/`, `evaluation/`, `console/`) -> shared training
+plumbing (`training/`) -> the stage kinds (`kinds/`: one package per kind, its config, declaration,
+body and hooks together; what plugins implement) -> recipes and plans (`recipe/`, `planning/`) -> the
+entry points (the runner, the executors, publishing, the API, the report and the CLI). Imports inside
+functions count too.
 """
 from __future__ import annotations
 
@@ -12,17 +15,17 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "posttrain"
 FLOORS = [
-    ("ground", ["posttrain.errors", "posttrain.strict", "posttrain.context", "posttrain.signals"]),
-    ("blocks", ["posttrain.data", "posttrain.kd", "posttrain.registry", "posttrain.chat_templates",
-                "posttrain.checkpoint_folder", "posttrain.code_fingerprint", "posttrain.console", "posttrain.eval_tasks",
-                "posttrain.fingerprint", "posttrain.gates", "posttrain.hf_folder", "posttrain.model_card",
-                "posttrain.objective",
-                "posttrain.tokenizer_setup", "posttrain.training_fields"]),
-    ("stage bodies", ["posttrain.training"]),
-    ("stage declarations", ["posttrain.stages"]),
-    ("recipes", ["posttrain.recipe", "posttrain.keys", "posttrain.memory", "posttrain.schema"]),
-    ("top", ["posttrain.runner", "posttrain.execution", "posttrain.publish", "posttrain.api", "posttrain.report", "posttrain.cli", "posttrain"]),
+    ("core", ["posttrain.core"]),
+    ("blocks", ["posttrain.data", "posttrain.kd", "posttrain.registry", "posttrain.hf", "posttrain.evaluation",
+                "posttrain.console"]),
+    ("training plumbing", ["posttrain.training"]),
+    ("stage kinds", ["posttrain.kinds"]),
+    ("recipes and plans", ["posttrain.recipe", "posttrain.planning"]),
+    ("entry points", ["posttrain.runner", "posttrain.execution", "posttrain.publish", "posttrain.api", "posttrain.report",
+                      "posttrain.cli", "posttrain"]),
 ]
+# The only modules at the package's top: the entry points (everything else lives in a floor's folder).
+ENTRY_POINTS = {"__init__.py", "api.py", "cli.py", "report.py", "runner.py"}
 
 
 def floor_of(module: str) -> int:
@@ -58,3 +61,33 @@ def test_no_module_imports_from_a_higher_floor():
                 if there > here:
                     upward.append(f"{name} ({FLOORS[here][0]}) imports {target} ({FLOORS[there][0]}), line {node.lineno}")
     assert not upward, "\n".join(upward)
+
+
+def test_the_floors_are_folders():
+    loose = {path.name for path in PACKAGE.glob("*.py")}
+    assert loose == ENTRY_POINTS, f"modules at the package top that belong in a floor's folder: {sorted(loose - ENTRY_POINTS)}"
+    folders = {path.name for path in PACKAGE.iterdir() if path.is_dir() and (path / "__init__.py").exists()}
+    on_floors = {prefix.split(".")[1] for _, prefixes in FLOORS for prefix in prefixes if prefix.count(".") == 1}
+    assert folders <= on_floors, f"folders on no floor: {sorted(folders - on_floors)}"
+
+
+def test_each_kind_is_one_package_that_imports_no_other_kind():
+    """A kind's config, declaration and body live together (kinds/<kind>/stage.py and run.py), and a kind
+    reaches another kind's code only through the floors below (so changing one kind never touches another)."""
+    from posttrain.kinds import BUILTIN_STAGES
+
+    for kind, target in BUILTIN_STAGES.items():
+        module = target.partition(":")[0]
+        assert module.endswith(".stage") and (PACKAGE.parent / module.replace(".", "/")).with_suffix(".py").is_file(), target
+    crossing = []
+    for folder in sorted(p for p in (PACKAGE / "kinds").iterdir() if (p / "__init__.py").exists()):
+        own = f"posttrain.kinds.{folder.name}"
+        for path in sorted(folder.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                targets = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                for target in targets:
+                    if target.startswith("posttrain.kinds.") and target != "posttrain.kinds.base" \
+                            and not (target == own or target.startswith(own + ".")):
+                        crossing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {target}")
+    assert not crossing, "\n".join(crossing)

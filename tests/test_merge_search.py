@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, TINY_MODEL, cli, write_recipe
-from posttrain.errors import UserError
-from posttrain.gates import Objective, metric_value
-from posttrain.objective import Part, combine, part_values
+from posttrain.core.errors import UserError
+from posttrain.evaluation.gates import Objective, metric_value
+from posttrain.evaluation.objective import Part, combine, part_values
 from posttrain.recipe.load import load_recipe
 from posttrain.recipe.sweeps import SweepSpec, expand
 
@@ -92,7 +92,7 @@ def test_named_variants_label_their_candidates_and_a_null_drops_one():
 
 
 def test_merge_weights_are_a_shorthand_for_each_models_weight():
-    from posttrain.stages.merge import MergeConfig
+    from posttrain.kinds.merge.stage import MergeConfig
 
     short = MergeConfig.model_validate({"method": "ties", "models": ["a", {"model": "b"}], "weights": [0.3, 0.7],
                                         "parameters": {"density": 0.5}})

@@ -47,7 +47,7 @@ def test_launch_commands_take_the_recipes_launch_settings(tmp_path):
     import pytest
 
     from posttrain.cli import launch_command
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
     from posttrain.recipe import load_recipe
 
     flagship = ROOT / "recipes" / "intellect1_instruct.yaml"

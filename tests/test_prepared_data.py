@@ -68,8 +68,8 @@ def test_two_sft_stages_on_the_same_data_build_one_prepared_entry(tmp_path, regi
 def test_prepared_data_follows_the_tokenizer_not_the_weights(tmp_path):
     """DPO on an SFT stage tokenises with the tokenizer SFT inherited: retraining SFT with another
     learning rate leaves the DPO data's key alone; another template on the SFT stage does not."""
-    from posttrain.keys import compute_keys
-    from posttrain.fingerprint import FingerprintCache
+    from posttrain.planning.stage_keys import compute_keys
+    from posttrain.registry.file_fingerprint import FingerprintCache
     from posttrain.recipe.load import load_recipe
 
     prefs = ROOT / "data" / "dpo" / "tiny_prefs_train.jsonl"
@@ -80,7 +80,7 @@ def test_prepared_data_follows_the_tokenizer_not_the_weights(tmp_path):
         loaded = load_recipe(sft_recipe(tmp_path, {"sft": sft(**sft_extra), "dpo": dpo}))
         return compute_keys(loaded, FingerprintCache(tmp_path / "fp.json"))
 
-    variant = (ROOT / "posttrain" / "templates" / "llama-3.1.jinja").read_text() + "{# a variant #}"
+    variant = (ROOT / "posttrain" / "hf" / "templates" / "llama-3.1.jinja").read_text() + "{# a variant #}"
     one, other_lr, other_template = keys(), keys(lr=1e-4), keys(chat_template=variant)
     assert one["sft"].key != other_lr["sft"].key
     assert one["dpo.data"].key == other_lr["dpo.data"].key
@@ -93,7 +93,7 @@ def test_prepared_order_and_tokens_equal_the_in_memory_loader(tmp_path, monkeypa
     gave, token for token, whether this process or worker processes tokenise."""
     from transformers import AutoTokenizer
 
-    from posttrain.chat_templates import resolve_chat_template
+    from posttrain.hf.chat_templates import resolve_chat_template
     from posttrain.data import prepare as prepare_module
     from posttrain.data.prepare import open_prepared, prepare
     from posttrain.data.sources import DataConfig, load_conversations
@@ -182,10 +182,10 @@ def test_a_kill_during_preparation_leaves_no_entry_and_a_rerun_completes(tmp_pat
 def test_followers_wait_for_the_data_rank_0_prepares(tmp_path, monkeypatch, registry_dir):
     """Under a launch, only rank 0 runs a prepare step; another rank waits for its entry."""
     from posttrain import runner
-    from posttrain.fingerprint import FingerprintCache
-    from posttrain.keys import compute_keys
+    from posttrain.registry.file_fingerprint import FingerprintCache
+    from posttrain.planning.stage_keys import compute_keys
     from posttrain.recipe.load import load_recipe
-    from posttrain.stages.prepare_data import PrepareDataStage
+    from posttrain.kinds.prepare_data.stage import PrepareDataStage
 
     calls = []
     original = PrepareDataStage.run

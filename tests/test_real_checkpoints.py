@@ -67,7 +67,7 @@ def test_real_tokenizer_renders_like_the_official_template_with_right_masks(hub_
     tokenizer = AutoTokenizer.from_pretrained(hub_base)
     assert len(tokenizer) == 128256 and tokenizer("Hello world!")["input_ids"] == [BOS, 9906, 1917, 0]
     official = llama3.reference_file("chat_template.jinja").read_text()
-    from posttrain.chat_templates import resolve_chat_template
+    from posttrain.hf.chat_templates import resolve_chat_template
 
     ours = resolve_chat_template("llama-3.1", ROOT).text
     render = {name: tokenizer.apply_chat_template(CONVERSATION, chat_template=text, tokenize=False,
@@ -159,7 +159,7 @@ def test_an_export_has_the_layout_of_the_hub_llama_3_1_instruct_folder(pipeline,
 def test_training_keeps_fp32_master_weights_and_stores_bf16(pipeline, hub_base):
     from safetensors import safe_open
 
-    from posttrain.training.weights import load_trainable
+    from posttrain.hf.weights import load_trainable
 
     assert next(load_trainable(hub_base).parameters()).dtype.is_floating_point
     assert str(next(load_trainable(hub_base).parameters()).dtype) == "torch.float32"
@@ -187,8 +187,8 @@ def test_base_entry_shares_no_bytes_with_the_users_folder(pipeline, hub_base):
 def test_a_link_leaving_the_model_folder_is_refused(hub_base, tmp_path):
     import shutil
 
-    from posttrain.errors import UserError
-    from posttrain.hf_folder import copy_model_folder
+    from posttrain.core.errors import UserError
+    from posttrain.hf.model_folder import copy_model_folder
 
     folder = tmp_path / "linked"
     shutil.copytree(hub_base, folder)

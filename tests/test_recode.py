@@ -85,7 +85,7 @@ def test_distill_takes_the_recode_like_a_capture_and_the_teacher_never_runs_agai
 
 @pytest.mark.slow
 def test_a_killed_recode_resumes_at_the_first_unfinished_shard(recoded, tmp_path):
-    from posttrain.training.recode_run import recode_capture
+    from posttrain.kinds.recode_logits.run import recode_capture
 
     work = tmp_path / "work"
     work.mkdir()
@@ -120,8 +120,8 @@ def test_posttrain_recode_rewrites_a_folder_and_refuses_what_cannot_be(recoded, 
 
 
 def test_sampled_targets_cannot_become_compact_and_the_message_says_what_can():
-    from posttrain.errors import UserError
-    from posttrain.training.recode_run import recoded_meta
+    from posttrain.core.errors import UserError
+    from posttrain.kinds.recode_logits.run import recoded_meta
 
     with pytest.raises(UserError, match="compact stores top-k targets only"):
         recoded_meta({"mode": "sampled", "k": 16, "encoding": "fp16"}, "compact", None)

@@ -12,7 +12,7 @@ import pytest
 
 import posttrain
 from conftest import cli, count_runs, two_stage_recipe
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 from posttrain.registry import Registry
 from posttrain.registry.paths import safe_child
 

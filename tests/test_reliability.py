@@ -16,7 +16,7 @@ import pytest
 import posttrain
 from conftest import ROOT, TINY_MODEL, cli, two_stage_recipe, write_recipe
 from posttrain.data.sources import DataConfig, load_conversations
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 from posttrain.registry import CorruptEntry, Registry
 
 
@@ -188,7 +188,7 @@ def test_two_quick_interrupts_still_stop_cleanly_with_exit_130(tmp_path, registr
 
 def test_an_interrupt_a_library_turns_into_its_own_error_is_still_an_interrupt(monkeypatch, tmp_path, registry_dir):
     """SIGTERM landing inside an import: the library raises e.g. RuntimeError('Failed to import ...')."""
-    from posttrain import signals
+    from posttrain.core import signals
     from posttrain.runner import StageFailed
 
     monkeypatch.setenv("COUNT_FAIL", "1")
@@ -249,29 +249,29 @@ def test_a_task_file_with_function_tags_fails_validate_with_its_line(tmp_path):
 
 @pytest.mark.slow
 def test_a_change_to_a_module_a_stage_runs_changes_its_key_and_nothing_else_does(tmp_path):
-    from posttrain.code_fingerprint import code_fingerprint, module_closure
+    from posttrain.registry.code_fingerprint import code_fingerprint, module_closure
 
     root = tmp_path / "src"
     shutil.copytree(ROOT / "posttrain", root / "posttrain", ignore=shutil.ignore_patterns("__pycache__"))
-    closure = {p.relative_to(root).as_posix() for p in module_closure("posttrain.stages.sft", root)}
-    assert {"posttrain/training/sft_run.py", "posttrain/data/tokens.py", "posttrain/data/formats.py"} <= closure
-    before = code_fingerprint("posttrain.stages.sft", root)
+    closure = {p.relative_to(root).as_posix() for p in module_closure("posttrain.kinds.sft.stage", root)}
+    assert {"posttrain/kinds/sft/run.py", "posttrain/data/tokens.py", "posttrain/data/formats.py"} <= closure
+    before = code_fingerprint("posttrain.kinds.sft.stage", root)
     report = root / "posttrain" / "report.py"
     report.write_text(report.read_text() + "\n# a comment in a module SFT never runs\n")
     code_fingerprint.cache_clear()
-    assert code_fingerprint("posttrain.stages.sft", root) == before
+    assert code_fingerprint("posttrain.kinds.sft.stage", root) == before
     tokenize = root / "posttrain" / "data" / "tokens.py"
     tokenize.write_text(tokenize.read_text() + "\n# a comment in a module SFT runs: no behaviour, same key\n")
     code_fingerprint.cache_clear()
-    assert code_fingerprint("posttrain.stages.sft", root) == before
+    assert code_fingerprint("posttrain.kinds.sft.stage", root) == before
     tokenize.write_text(tokenize.read_text() + "\nPADDING_MULTIPLE = 8\n")
     code_fingerprint.cache_clear()
-    assert code_fingerprint("posttrain.stages.sft", root) != before
-    before = code_fingerprint("posttrain.stages.sft", root)
-    template = root / "posttrain" / "templates" / "llama-3.1.jinja"
+    assert code_fingerprint("posttrain.kinds.sft.stage", root) != before
+    before = code_fingerprint("posttrain.kinds.sft.stage", root)
+    template = root / "posttrain" / "hf" / "templates" / "llama-3.1.jinja"
     template.write_text(template.read_text() + "{#- changed #}")
     code_fingerprint.cache_clear()
-    after_template = code_fingerprint("posttrain.stages.sft", root)
+    after_template = code_fingerprint("posttrain.kinds.sft.stage", root)
     assert after_template != before
     code_fingerprint.cache_clear()
 
@@ -279,7 +279,7 @@ def test_a_change_to_a_module_a_stage_runs_changes_its_key_and_nothing_else_does
 def test_plan_says_when_the_stage_code_changed(tmp_path, registry_dir, monkeypatch):
     recipe = two_stage_recipe(tmp_path)
     posttrain.run(recipe)
-    import posttrain.keys as keys
+    import posttrain.planning.stage_keys as keys
 
     monkeypatch.setattr(keys, "code_fingerprint", lambda module: "different code")
     result = posttrain.runner.plan(posttrain.recipe.load_recipe(recipe), Registry(registry_dir))
@@ -309,7 +309,7 @@ def _plan_keys(package_root: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_plan_keys_survive_an_upgrade_that_changes_no_output(tmp_path):
-    """The key policy (posttrain/code_fingerprint.py): docstrings and comments anywhere, the package
+    """The key policy (posttrain/registry/code_fingerprint.py): docstrings and comments anywhere, the package
     version, error messages and a new built-in kind change no key; a change to a body a stage runs
     changes that stage's key and those downstream, and nothing upstream."""
     root = tmp_path / "src"
@@ -324,14 +324,14 @@ def test_plan_keys_survive_an_upgrade_that_changes_no_output(tmp_path):
         path.write_text(text.replace(old, new, 1))
 
     edit("__init__.py", '__version__ = "', '__version__ = "9')                       # an upgrade
-    edit("errors.py", '"""', '"""A reworded module docstring. ', )                   # shared module docs
-    edit("errors.py", "exit_code = 2", "exit_code = 2  # a comment")
-    edit("stages/__init__.py", '    "select": "posttrain.stages.select:SelectStage",\n',
-         '    "select": "posttrain.stages.select:SelectStage",\n    "extra": "posttrain.stages.extra:ExtraStage",\n')
-    edit("stages/base.py", '"""', '"""Docs for the stage base, reworded. ')           # a module every kind runs
+    edit("core/errors.py", '"""', '"""A reworded module docstring. ', )                   # shared module docs
+    edit("core/errors.py", "exit_code = 2", "exit_code = 2  # a comment")
+    edit("kinds/__init__.py", '    "select": "posttrain.kinds.select.stage:SelectStage",\n',
+         '    "select": "posttrain.kinds.select.stage:SelectStage",\n    "extra": "posttrain.kinds.extra.stage:ExtraStage",\n')
+    edit("kinds/base.py", '"""', '"""Docs for the stage base, reworded. ')           # a module every kind runs
     edit("training/trainer_common.py", "def ", "# a new comment\ndef ")
     assert _plan_keys(root) == before
-    edit("training/sft_run.py", "def ", "SFT_CONSTANT = 1\n\n\ndef ")                 # real code, SFT's body
+    edit("kinds/sft/run.py", "def ", "SFT_CONSTANT = 1\n\n\ndef ")                 # real code, SFT's body
     after = _plan_keys(root)
     changed = {name for name in before if before[name] != after[name]}
     assert changed == {name for name in before if name.startswith("sft[")} | {"sft_dev"}, changed
@@ -368,10 +368,10 @@ def test_plan_keys_survive_moving_modules_between_folders(tmp_path):
     shutil.copytree(ROOT / "posttrain", root / "posttrain", ignore=shutil.ignore_patterns("__pycache__"))
     before = _plan_keys(root)
     package = root / "posttrain"
-    _move_module(package, "posttrain.tokenizer_setup", "posttrain.hf.tokenizer_setup")
-    _move_module(package, "posttrain.training.sft_run", "posttrain.kinds.sft.body")
+    _move_module(package, "posttrain.hf.tokenizer_setup", "posttrain.tokenizers.setup")
+    _move_module(package, "posttrain.kinds.sft.run", "posttrain.kinds.sft.body")
     _move_module(package, "posttrain.kd.losses", "posttrain.distillation.losses")
-    assert not (package / "training" / "sft_run.py").exists() and (package / "kinds" / "sft" / "body.py").is_file()
+    assert not (package / "kinds" / "sft" / "run.py").exists() and (package / "kinds" / "sft" / "body.py").is_file()
     assert _plan_keys(root) == before
     body = package / "kinds" / "sft" / "body.py"
     body.write_text(body.read_text().replace("def ", "SFT_CONSTANT = 1\n\n\ndef ", 1))  # real code still counts

@@ -97,8 +97,8 @@ def test_base_entry_is_a_loadable_folder_with_template_and_eos(tmp_path):
 def test_operational_settings_do_not_change_keys(tmp_path):
     """How often to log or checkpoint changes how a stage runs, not what it writes: no rebuild."""
     from conftest import TINY_MODEL, write_recipe
-    from posttrain.fingerprint import FingerprintCache
-    from posttrain.keys import compute_keys
+    from posttrain.registry.file_fingerprint import FingerprintCache
+    from posttrain.planning.stage_keys import compute_keys
     from posttrain.recipe import load_recipe
 
     def key(**training):

@@ -172,8 +172,8 @@ def test_fsdp1_on_cpu_processes_is_refused_instead_of_running_as_ddp(tmp_path, r
 def test_plan_estimates_per_device_by_engine():
     """FSDP divides weights, grads and optimizer state by the processes; DDP keeps a whole copy in
     each; activations and logits are per device either way; distill holds one chunk of logits."""
-    from posttrain.memory import KNOWN_ARCHITECTURES, Architecture, Launch, training_bytes
-    from posttrain.stages import get_stage
+    from posttrain.planning.memory import KNOWN_ARCHITECTURES, Architecture, Launch, training_bytes
+    from posttrain.kinds import get_stage
 
     raw = KNOWN_ARCHITECTURES["PrimeIntellect/INTELLECT-1"]
     arch = Architecture(raw["num_hidden_layers"], raw["hidden_size"], raw["intermediate_size"],
@@ -203,8 +203,8 @@ def test_plan_estimates_per_device_by_engine():
 def test_every_built_in_kind_has_an_estimate_that_plan_can_print():
     """`plan` asks `estimate` for every stage; a kind whose branch fails would end `plan` in a traceback
     (the capture estimate once read a sequence length only the training branch had set)."""
-    from posttrain.memory import KNOWN_ARCHITECTURES, Architecture, estimate
-    from posttrain.stages import get_stage
+    from posttrain.planning.memory import KNOWN_ARCHITECTURES, Architecture, estimate
+    from posttrain.kinds import get_stage
 
     raw = KNOWN_ARCHITECTURES["PrimeIntellect/INTELLECT-1"]
     arch = Architecture(raw["num_hidden_layers"], raw["hidden_size"], raw["intermediate_size"],

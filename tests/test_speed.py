@@ -72,7 +72,7 @@ def test_a_compiled_sft_run_is_recorded_and_its_entry_serves_the_plain_recipe(tm
 def test_the_attention_kernel_is_switched_on_the_loaded_model_and_a_missing_one_is_one_clear_error():
     from transformers import AutoModelForCausalLM
 
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
     from posttrain.training.speed import choose_attention
 
     model = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
@@ -86,8 +86,8 @@ def test_the_attention_kernel_is_switched_on_the_loaded_model_and_a_missing_one_
 
 
 def test_speed_settings_keep_the_key(tmp_path):
-    from posttrain.fingerprint import FingerprintCache
-    from posttrain.keys import compute_keys
+    from posttrain.registry.file_fingerprint import FingerprintCache
+    from posttrain.planning.stage_keys import compute_keys
     from posttrain.recipe import load_recipe
 
     def key(folder, extra: str = "", **training):

@@ -7,7 +7,7 @@ import yaml
 
 import posttrain
 from conftest import ROOT, TINY_MODEL, cli, write_recipe
-from posttrain.errors import RecipeError
+from posttrain.core.errors import RecipeError
 from posttrain.recipe.load import load_recipe
 from posttrain.recipe.sweeps import SweepSpec, expand, rank_candidates
 
@@ -138,7 +138,7 @@ def test_select_best_and_top_k_then_a_losing_candidate_changes_nothing_downstrea
 
 
 def test_gates_take_the_mean_of_a_sweeps_candidates(tmp_path):
-    from posttrain.gates import metric_value
+    from posttrain.evaluation.gates import metric_value
 
     class Entry:
         kind = "eval"

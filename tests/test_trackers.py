@@ -99,9 +99,9 @@ def test_trackers_change_no_key(tmp_path):
 def test_the_tracker_labels_are_not_part_of_any_stage_key():
     """Changing how runs are named and labelled rebuilds nothing: stage bodies reach it through the
     console package, which keys leave out (code_fingerprint.NEUTRAL)."""
-    from posttrain.code_fingerprint import NEUTRAL, code_files
+    from posttrain.registry.code_fingerprint import NEUTRAL, code_files
 
     assert "posttrain.console" in NEUTRAL
     for kind in ("sft", "dpo", "distill"):
-        files = code_files(f"posttrain.stages.{kind}")
-        assert f"posttrain/training/{kind}_run.py" in files and not any("console" in f for f in files), files
+        files = code_files(f"posttrain.kinds.{kind}.stage")
+        assert f"posttrain/kinds/{kind}/run.py" in files and not any("console" in f for f in files), files

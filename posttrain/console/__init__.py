@@ -23,14 +23,10 @@ from posttrain.console.trackers import TRACKING_FILE, tracker_callbacks  # noqa:
 from typing import Any, Callable, Iterator
 
 
-# The one number per stage worth a glance, first found in this order: on the stage's closing line, in
-# `run`'s summary table and in the driver's lines (one list, so they never disagree).
-HEADLINE_METRICS = ("final_train_loss", "final_eval_loss", "bytes_per_token", "decontaminated_rows")
-
-
-def headline_metric(metrics: dict[str, Any]) -> str:
-    """`name value` of a stage's headline metric, or "" when it has none."""
-    for key in HEADLINE_METRICS:
+def headline_metric(metrics: dict[str, Any], names: tuple[str, ...]) -> str:
+    """`name value` of the first of `names` (a kind's headline metrics, `Stage.headline_metrics`) that the
+    stage's metrics hold as a number, or "" when none is there."""
+    for key in names:
         if isinstance(metrics.get(key), (int, float)):
             return f"{key} {metrics[key]:.4g}"
     return ""

@@ -10,8 +10,8 @@ from typing import Any, Iterator
 from pydantic import Field
 
 from posttrain.data.decontam import EvalItem, words
-from posttrain.errors import UserError
-from posttrain.strict import StrictModel
+from posttrain.core.errors import UserError
+from posttrain.core.strict import StrictModel
 
 QUESTION_FIELDS = ("question", "prompt", "query", "problem", "text", "input")
 ANSWER_FIELDS = ("answer", "target", "solution", "output")
@@ -95,7 +95,7 @@ def task_items(names: list[str], task_dirs: list[Path]) -> Iterator[EvalItem]:
     multiple-choice task, the options."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from posttrain.eval_tasks import copy_task_dirs
+    from posttrain.evaluation.tasks import copy_task_dirs
 
     with tempfile.TemporaryDirectory() as tmp:
         include = str(copy_task_dirs(task_dirs, Path(tmp) / "tasks")) if task_dirs else None

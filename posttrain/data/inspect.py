@@ -14,7 +14,7 @@ from typing import Any, Callable
 from posttrain.data.formats import BadRow
 from posttrain.data.sources import (DataConfig, DataSource, SourceCount, bad_row_message, iter_source_rows,
                                     load_hub_dataset, normalise_row)
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 
 
 @dataclass

@@ -28,7 +28,7 @@ import numpy as np
 from posttrain.data.formats import to_messages
 from posttrain.data.sources import (Contamination, DataConfig, SourceCount, empty_stats, mixture_rows,
                                     normalised_rows, source_summary, write_contamination_report)
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 
 Format = Literal["chat", "preference", "generation"]
 CHUNK_ROWS = 8192  # rows a worker tokenises per task (and rows of one Arrow part file)

@@ -14,8 +14,8 @@ from pydantic import Field, model_validator
 
 from posttrain.data.eval_references import Decontamination
 from posttrain.data.formats import BadRow, Format, to_messages
-from posttrain.errors import UserError
-from posttrain.strict import StrictModel
+from posttrain.core.errors import UserError
+from posttrain.core.strict import StrictModel
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 
 IGNORE = -100
 

@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from posttrain.execution.jobs import Handle, JobSpec, Transport, killed, python_command
 from posttrain.execution.local import tail
-from posttrain.fingerprint import FingerprintCache
-from posttrain.keys import compute_keys
+from posttrain.registry.file_fingerprint import FingerprintCache
+from posttrain.planning.stage_keys import compute_keys
 from posttrain.recipe.load import LoadedRecipe
 from posttrain.recipe.model import Launch
 from posttrain.registry import Registry, short
@@ -209,7 +209,7 @@ class Driver:
                 seconds = entry.manifest.get("timings", {}).get("seconds")
                 took = f"  {seconds:.1f}s" if isinstance(seconds, (int, float)) else ""
                 self._finish(track, entry, "done", f"{short(track.key)}{took}"
-                             f"{headline(entry.manifest.get('metrics', {}))}")
+                             f"{headline(entry.kind, entry.manifest.get('metrics', {}))}")
                 continue
             how = f"exit {end.code}" if end.code is not None else (end.state or "no exit code")
             work = self.reg.work_dir(track.key)

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 from posttrain.execution.jobs import JobEnd, JobSpec
 from posttrain.recipe.model import SlurmSettings, slurm_minutes
 

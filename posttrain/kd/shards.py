@@ -25,7 +25,7 @@ import numpy as np
 from posttrain.kd import compact
 from posttrain.kd.packing import ValueCodec, id_bits, pack_bits, pack_fields, unpack_bits, unpack_fields
 from posttrain.kd.rans import CorruptStream
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 
 FORMAT = "posttrain-topk-v1"
 INDEX = "index.json"

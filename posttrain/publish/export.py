@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 from posttrain.registry import Registry, short
 
 # Registry bookkeeping that has no place in a Hub folder (the card and lineage file replace it).

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 from posttrain.publish.export import export_model
 from posttrain.registry import Registry
 

@@ -16,12 +16,12 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from posttrain.errors import Problem, RecipeError, UserError
+from posttrain.core.errors import Problem, RecipeError, UserError
 from posttrain.recipe.merge import COMMAND_LINE, deep_merge, leaf_paths, parse_overrides
 from posttrain.recipe.model import RESERVED_NAMES, Recipe
 from posttrain.recipe.sweeps import apply_override, rewrite_references, select_configs, sweep_candidates
 from posttrain.recipe.yaml_lines import load_yaml_with_lines
-from posttrain.stages import INTERNAL_KINDS, Stage, StageConfig, get_stage, known_kinds
+from posttrain.kinds import INTERNAL_KINDS, Stage, StageConfig, get_stage, known_kinds
 
 BASE = "base"
 
@@ -141,7 +141,7 @@ def load_recipe_text(text: str, path: Path, profile: str | None = None, override
     if stages is not None:
         order = _check_graph(stages, report)
         if recipe is not None:
-            from posttrain.gates import gate_stages
+            from posttrain.evaluation.gates import gate_stages
 
             for i, gate in enumerate(recipe.gates):
                 for name in gate_stages(gate):

@@ -5,8 +5,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-# Re-exported: the shared config types live on the ground floor (posttrain.strict).
-from posttrain.strict import NAME_PATTERN, RESERVED_NAMES, ModelSpec, StrictModel, check_name  # noqa: F401 - re-exported
+# Re-exported: the shared config types live on the ground floor (posttrain.core.strict).
+from posttrain.core.strict import NAME_PATTERN, RESERVED_NAMES, ModelSpec, StrictModel, check_name  # noqa: F401 - re-exported
 
 class Gate(StrictModel):
     """A quality gate checked after a run: `metric` must be below/above a number or another metric.

@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.objective import Part
-from posttrain.strict import StrictModel
+from posttrain.evaluation.objective import Part
+from posttrain.core.strict import StrictModel
 
 DEFAULT_MAX_CANDIDATES = 16
 
@@ -68,7 +68,7 @@ class ObjectivePart(StrictModel):
 class Selection(StrictModel):
     """`best_of` (one model) or `top_k` of (a list of models): candidates ranked by an eval metric, or
     by a dev objective that combines several (`by:` a list of {metric, mode, weight}; `combine: score`
-    or `rank`, see posttrain.objective)."""
+    or `rank`, see posttrain.evaluation.objective)."""
 
     best_of: str | None = None
     top_k: int | None = Field(None, gt=0)

@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from posttrain.errors import Problem
+from posttrain.core.errors import Problem
 
 KeyPath = tuple[Any, ...]
 

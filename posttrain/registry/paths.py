@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 # '[', ']', '=' and ',' for sweep candidates' refs (`sft[learning_rate=1e-05,seed=1]`).

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import UserError
-from posttrain.registry.keys import short
+from posttrain.core.errors import UserError
+from posttrain.registry.entry_keys import short
 from posttrain.registry.locking import exclusive_lock, is_locked, lock_if_free
 from posttrain.registry.paths import check_key, safe_child
 

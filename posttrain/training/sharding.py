@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 
 ENGINES = ("fsdp", "deepspeed")
 

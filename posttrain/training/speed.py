@@ -2,7 +2,7 @@
 
 `attn_implementation` is a stage setting; the other two are plain TrainingArguments fields set under a
 stage's `training:`. They change how fast a stage trains, not what it learns, so they are left out of
-entry keys (posttrain/keys.py SPEED_SETTINGS) and recorded in the manifest. Liger's fused linear cross-entropy is never used: it replaces the model's
+entry keys (posttrain/planning/stage_keys.py SPEED_SETTINGS) and recorded in the manifest. Liger's fused linear cross-entropy is never used: it replaces the model's
 forward, where trl's fused head (sft, dpo) and the sparse-KD head (distill) already live; its layer
 kernels (RMSNorm, RoPE, SwiGLU) are what it adds. They are Triton kernels, so CUDA only.
 """
@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import Field
 
-from posttrain.errors import UserError
-from posttrain.strict import StrictModel
+from posttrain.core.errors import UserError
+from posttrain.core.strict import StrictModel
 
 log = logging.getLogger("posttrain.speed")
 

@@ -7,8 +7,8 @@ import shutil
 import time
 from typing import Any
 
-from posttrain.context import StageContext
-from posttrain.errors import UserError
+from posttrain.core.context import StageContext
+from posttrain.core.errors import UserError
 from posttrain.training.sharding import is_fsdp, refuse_silent_fallback, sharded  # noqa: F401 - kept: deleting changes stage keys
 from posttrain.training.checkpoints import last_complete_checkpoint, mean_train_loss, processes_that_wrote, no_final_checkpoint, progress_to
 
@@ -17,7 +17,7 @@ def load_chat_tokenizer(source, chat_template: str | None, ctx: StageContext):
     """The input's tokenizer, with the stage's template (and its EOS) attached when one is given."""
     from transformers import AutoTokenizer
 
-    from posttrain.chat_templates import resolve_chat_template
+    from posttrain.hf.chat_templates import resolve_chat_template
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     if chat_template:
@@ -55,8 +55,8 @@ def save_model_entry(trainer, tokenizer, ctx: StageContext, lora: bool, checkpoi
     ZeRO-3 hold only shards), and rank 0 alone casts and writes it: the folder has the layout and
     dtype of a single-process entry and nothing of the optimizer. Returns the saved model (rank 0's).
     """
-    from posttrain.checkpoint_folder import save_tokenizer_files
-    from posttrain.training.weights import cast_for_storage, stored_dtype
+    from posttrain.hf.checkpoint_folder import save_tokenizer_files
+    from posttrain.hf.weights import cast_for_storage, stored_dtype
 
     storage = stored_dtype(ctx.inputs["model"].path)
     model = trainer.accelerator.unwrap_model(trainer.model)

@@ -7,7 +7,7 @@ import os
 import time
 from typing import Literal
 
-from posttrain.stages import Stage, StageConfig, StageContext
+from posttrain.kinds import Stage, StageConfig, StageContext
 
 
 class CountConfig(StageConfig):
