@@ -12,15 +12,18 @@ from posttrain.core import signals
 from posttrain.core.errors import UserError
 
 
-def _registry_for(args):
+def _registry_for(args, loaded=None):
+    """The registry a command works on, found one way for every command: `--registry`, else the
+    recipe's `registry:` (when the command names a recipe, or passes the one it loaded), else
+    POSTTRAIN_REGISTRY or the default."""
     from posttrain.registry import Registry, resolve_root
+    from posttrain.runner import open_registry
 
-    if getattr(args, "recipe", None):
+    if loaded is None and getattr(args, "recipe", None):
         from posttrain.recipe import load_recipe
 
         loaded = load_recipe(args.recipe)
-        return Registry(resolve_root(args.registry, loaded.recipe.registry, loaded.dir))
-    return Registry(resolve_root(args.registry))
+    return open_registry(loaded, args.registry) if loaded is not None else Registry(resolve_root(args.registry))
 
 
 def cmd_validate(args) -> int:
@@ -58,10 +61,10 @@ def _validate_data(loaded, rows: int) -> int:
 def cmd_plan(args) -> int:
     from posttrain.recipe import load_recipe
     from posttrain.registry import short
-    from posttrain.runner import open_registry, plan
+    from posttrain.runner import plan
 
     loaded = load_recipe(args.recipe_file, args.profile, args.overrides)
-    registry = open_registry(loaded, args.registry)
+    registry = _registry_for(args, loaded)
     items = plan(loaded, registry)
     print(f"recipe {loaded.ref_namespace}  registry {registry.root}")
     width = max(len(i.name) for i in items)
@@ -228,9 +231,8 @@ def _build_one(args, loaded) -> int:
 def _drive(args, loaded, launch) -> int:
     """Every stage a job: `slots` local subprocesses, or Slurm jobs through submitit."""
     from posttrain.execution.driver import JobOptions, executor_options, run_as_jobs
-    from posttrain.runner import open_registry
 
-    registry = open_registry(loaded, args.registry)
+    registry = _registry_for(args, loaded)
     own = {}  # --nproc / --accelerate-config: the training stages' own launch inside their jobs
     if args.nproc:
         own["num_processes"] = args.nproc
@@ -400,14 +402,14 @@ def cmd_gc(args) -> int:
 
 def cmd_report(args) -> int:
     from posttrain import report as reporting
-    from posttrain.registry import CorruptEntry, Registry, resolve_root
+    from posttrain.registry import CorruptEntry
 
     target = args.target
     if Path(target).suffix in (".yaml", ".yml") or Path(target).is_file():
         from posttrain.recipe import load_recipe
 
         loaded = load_recipe(target, args.profile, args.overrides)
-        registry = Registry(resolve_root(args.registry, loaded.recipe.registry, loaded.dir))
+        registry = _registry_for(args, loaded)
         entries, missing = {}, []
         for name in loaded.order:
             key = registry.get_ref(f"{loaded.ref_namespace}/{name}")
@@ -417,7 +419,7 @@ def cmd_report(args) -> int:
         if missing:
             print(f"not built yet (run the recipe first): {', '.join(missing)}")
     else:
-        registry = Registry(resolve_root(args.registry))
+        registry = _registry_for(args)
         key = registry.resolve(target)
         try:
             top = registry.load(key)

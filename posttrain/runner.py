@@ -126,6 +126,28 @@ def open_registry(loaded: LoadedRecipe, registry: str | Path | None = None) -> R
     return Registry(resolve_root(str(registry) if registry else None, loaded.recipe.registry, loaded.dir))
 
 
+@dataclass(frozen=True)
+class EntryState:
+    """What the registry holds for a key, decided in one place for `plan`, `run` and a job's build: a
+    sound entry to reuse, a corrupt one to set aside (`problem`), and whether an interrupted run left
+    its work folder to resume from."""
+
+    entry: Entry | None
+    problem: str
+    resumable: bool
+
+
+def entry_state(reg: Registry, key: str) -> EntryState:
+    entry, problem = None, ""
+    try:
+        entry = reg.load(key)
+    except CorruptEntry as exc:
+        problem = str(exc)
+    except KeyError:
+        pass
+    return EntryState(entry, problem, entry is None and (reg.work_dir(key) / STAGE_LOG).exists())
+
+
 def plan(loaded: LoadedRecipe, registry: Registry) -> list[PlanItem]:
     """What `run` would do for each stage, and why, without running or writing anything."""
     chooser = Chooser(loaded, registry)
@@ -159,19 +181,15 @@ def plan(loaded: LoadedRecipe, registry: Registry) -> list[PlanItem]:
         if earlier:  # e.g. two stages' data through the same tokenizer: built once
             items.append(PlanItem(name, kind, key.key, "cached", f"the same entry as {earlier.name}, built first"))
             continue
-        try:
-            registry.load(key.key)
+        state = entry_state(registry, key.key)
+        if state.entry is not None:
             items.append(PlanItem(name, kind, key.key, "cached", "entry exists"))
-            continue
-        except CorruptEntry as exc:
-            items.append(PlanItem(name, kind, key.key, "rebuild", f"corrupt entry will be set aside: {exc}"))
-            continue
-        except KeyError:
-            pass
-        if (registry.work_dir(key.key) / STAGE_LOG).exists():
+        elif state.problem:
+            items.append(PlanItem(name, kind, key.key, "rebuild", f"corrupt entry will be set aside: {state.problem}"))
+        elif state.resumable:
             items.append(PlanItem(name, kind, key.key, "resume", "an interrupted run left its work folder"))
-            continue
-        items.append(PlanItem(name, kind, key.key, "run", _why_new(loaded, registry, name, key, names)))
+        else:
+            items.append(PlanItem(name, kind, key.key, "run", _why_new(loaded, registry, name, key, names)))
     for item in items:
         item.memory = memory.get(item.name, "-")
     return items
@@ -317,13 +335,10 @@ def _build_or_reuse(context: "_Run", name: str, prefix: str) -> Entry:
 
 
 def _reusable(reg: Registry, key: str, echo, prefix: str) -> Entry | None:
-    try:
-        return reg.load(key)
-    except KeyError:
-        return None
-    except CorruptEntry as exc:
-        echo(f"{prefix} corrupt  {short(key)}: {exc}; setting it aside and rebuilding")
-        return None
+    state = entry_state(reg, key)
+    if state.problem:
+        echo(f"{prefix} corrupt  {short(key)}: {state.problem}; setting it aside and rebuilding")
+    return state.entry
 
 
 @dataclass
@@ -346,16 +361,14 @@ def _build(run: _Run, name: str, prefix: str) -> Entry:
     if run.rank != 0:
         return _build_as_follower(run, name)
     with reg.lock(key, on_wait=lambda: echo(f"{prefix} waiting: another process is building {short(key)}")):
-        try:  # another process may have finished it while we waited for the lock
-            entry = reg.load(key)
+        state = entry_state(reg, key)  # another process may have finished it while we waited for the lock
+        if state.entry is not None:
             echo(f"{prefix} cached   {short(key)} (built by another process)")
-            return entry
-        except CorruptEntry:
+            return state.entry
+        if state.problem:
             reg.discard(key)
-        except KeyError:
-            pass
         work = reg.work_dir(key)
-        resuming = (work / STAGE_LOG).exists()
+        resuming = state.resumable
         work.mkdir(parents=True, exist_ok=True)
         (work / "FAILED").unlink(missing_ok=True)
         tmp = reg.fresh_tmp_dir(key)

@@ -91,3 +91,26 @@ def test_each_kind_is_one_package_that_imports_no_other_kind():
                             and not (target == own or target.startswith(own + ".")):
                         crossing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {target}")
     assert not crossing, "\n".join(crossing)
+
+
+def test_a_kinds_hooks_are_on_its_stage_and_outside_its_key():
+    """What a kind knows about its own runs (plan's memory estimate, the headline metric, the curves,
+    whether it spreads over a launch) is asked of its Stage, lives in kinds/<kind>/hooks.py, and is in
+    no kind's code hash: editing an estimate or a label rebuilds nothing."""
+    from posttrain.kinds import BUILTIN_STAGES, get_stage
+    from posttrain.planning.memory import KNOWN_ARCHITECTURES, Launch, architecture_of
+    from posttrain.registry.code_fingerprint import code_files
+
+    for kind, target in BUILTIN_STAGES.items():
+        hashed = code_files(target.partition(":")[0])
+        assert hashed and not any(f.endswith(("/hooks.py", "/memory_model.py")) for f in hashed), (kind, hashed)
+    assert get_stage("distill").curves()["kd_loss"] == "KD loss"
+    assert "rewards_accuracies" in get_stage("dpo").curves()
+    assert get_stage("capture_logits").headline_metrics() == ("bytes_per_token",)
+    assert get_stage("sft").headline_metrics()[0] == "final_train_loss"
+    assert {kind for kind in BUILTIN_STAGES if get_stage(kind).spreads_over_launch()} == {"sft", "dpo", "distill"}
+    assert get_stage("count").spreads_over_launch() is False  # the test plugin declares nothing
+    arch = architecture_of(next(iter(KNOWN_ARCHITECTURES)), PACKAGE)
+    config = get_stage("eval").Config(kind="eval", models=["base"], tasks=["t"])
+    assert get_stage("eval").memory_estimate(config, arch, Launch()).endswith("/device (bf16 inference)")
+    assert get_stage("select").memory_estimate(None, arch, Launch()) is None

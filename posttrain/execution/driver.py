@@ -22,10 +22,6 @@ from posttrain.recipe.model import Launch
 from posttrain.registry import Registry, short
 from posttrain.runner import STAGE_LOG, Chooser, RunResult, headline
 
-# Kinds that spread their work over a launch's processes (training). A plugin kind says so with
-# `uses_launch = True` on its Stage class; the built-in ones are named here instead of on their classes,
-# because a stage's code is part of its entries' keys and this scheduling fact changes no output.
-LAUNCHED_KINDS = frozenset({"sft", "dpo", "distill"})
 FINISHED = ("done", "cached", "chose")
 ACTIVE = ("queued", "running", "elsewhere")
 
@@ -61,8 +57,7 @@ def stage_processes(loaded: LoadedRecipe, name: str, launch: Launch) -> int:
     own = launch.kinds.get(item.kind)
     if own is not None and "num_processes" in own.model_fields_set:
         return own.num_processes
-    spreads = getattr(item.stage, "uses_launch", item.kind in LAUNCHED_KINDS)
-    return launch.for_kind(item.kind).num_processes if spreads else 1
+    return launch.for_kind(item.kind).num_processes if item.stage.spreads_over_launch() else 1
 
 
 def job_command(loaded: LoadedRecipe, reg: Registry, name: str, key: str, launch: Launch,

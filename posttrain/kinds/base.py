@@ -157,6 +157,13 @@ class Stage(ABC):
         """The metrics worth a glance on the stage's closing line and in `run`'s table, first found first."""
         return tuple(getattr(self.hooks(), "HEADLINE_METRICS", ("final_train_loss", "final_eval_loss")))
 
+    def spreads_over_launch(self) -> bool:
+        """Whether the kind's work spreads over a launch's processes (training) when it runs as a job. A
+        plugin says so with `uses_launch = True` on its Stage class; a built-in kind with `USES_LAUNCH`
+        in its hooks (a scheduling fact that changes no output, so not in its key)."""
+        declared = getattr(self, "uses_launch", None)
+        return bool(declared if declared is not None else getattr(self.hooks(), "USES_LAUNCH", False))
+
     def curves(self) -> dict[str, str]:
         """Metric series worth plotting (the name the stage stores them under -> a label)."""
         return dict(getattr(self.hooks(), "CURVES", {"loss": "train loss", "eval_loss": "eval loss"}))

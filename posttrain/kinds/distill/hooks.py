@@ -6,6 +6,7 @@ from typing import Any
 
 from posttrain.training.memory_model import BYTES_PER_PARAMETER, Architecture, Launch, trainer_bytes, training_line
 
+USES_LAUNCH = True  # a job of this kind runs on every process of the recipe's launch
 HEADLINE_METRICS = ("final_train_loss", "final_eval_loss")
 CURVES = {"loss": "train loss", "eval_loss": "eval loss", "kd_loss": "KD loss", "ce_loss": "CE loss"}
 

@@ -7,6 +7,7 @@ from typing import Any
 from posttrain.training.memory_model import (BYTES_PER_PARAMETER, Architecture, Launch, trainer_bytes, training_line,
                                              whole_batch_logits)
 
+USES_LAUNCH = True  # a job of this kind runs on every process of the recipe's launch
 HEADLINE_METRICS = ("final_train_loss", "final_eval_loss")
 CURVES = {"loss": "train loss", "eval_loss": "eval loss", "rewards_margins": "reward margin",
           "rewards_accuracies": "preference accuracy"}
