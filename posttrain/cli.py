@@ -10,6 +10,7 @@ from pathlib import Path
 
 from posttrain.core import signals
 from posttrain.core.errors import UserError
+from posttrain.core.context import in_recipe
 
 
 def _registry_for(args, loaded=None):
@@ -99,8 +100,7 @@ def launch_command(args, launch=None, recipe_dir: Path | None = None) -> list[st
         if not args.nproc and launch.num_processes > 1:
             args.nproc = launch.num_processes
         if args.launcher == "accelerate" and not args.accelerate_config and launch.accelerate_config:
-            config = Path(launch.accelerate_config)
-            args.accelerate_config = str(config if config.is_absolute() else (recipe_dir or Path(".")) / config)
+            args.accelerate_config = str(in_recipe(launch.accelerate_config, recipe_dir or Path(".")))
     inner = ["-m", "posttrain.cli", "run", args.recipe_file, *args.overrides]
     if args.profile:
         inner += ["--profile", args.profile]

@@ -326,8 +326,8 @@ def test_plan_keys_survive_an_upgrade_that_changes_no_output(tmp_path):
     edit("__init__.py", '__version__ = "', '__version__ = "9')                       # an upgrade
     edit("core/errors.py", '"""', '"""A reworded module docstring. ', )                   # shared module docs
     edit("core/errors.py", "exit_code = 2", "exit_code = 2  # a comment")
-    edit("kinds/__init__.py", '    "select": "posttrain.kinds.select.stage:SelectStage",\n',
-         '    "select": "posttrain.kinds.select.stage:SelectStage",\n    "extra": "posttrain.kinds.extra.stage:ExtraStage",\n')
+    edit("kinds/__init__.py", '    "prepare_data": "posttrain.kinds.prepare_data.stage:PrepareDataStage",\n',
+         '    "prepare_data": "posttrain.kinds.prepare_data.stage:PrepareDataStage",\n    "extra": "posttrain.kinds.extra.stage:ExtraStage",\n')
     edit("kinds/base.py", '"""', '"""Docs for the stage base, reworded. ')           # a module every kind runs
     edit("training/trainer_common.py", "def ", "# a new comment\ndef ")
     assert _plan_keys(root) == before

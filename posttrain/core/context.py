@@ -1,13 +1,19 @@
 """What a running stage is handed besides its config: its inputs, its folders, its rank, its log.
 
-On the ground floor so stage bodies (`training/`) and stage declarations (`stages/`) share it
-without either importing the other."""
+On the ground floor so every floor above shares it."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+
+def in_recipe(path: str | Path, recipe_dir: Path) -> Path:
+    """A path as a recipe writes it: `~` expanded, and relative to the recipe's folder (so a recipe runs
+    from any directory). Every path a recipe names goes through here."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else recipe_dir / p
 
 
 @dataclass(frozen=True)
@@ -45,5 +51,4 @@ class StageContext:
 
     def resolve(self, path: str | Path) -> Path:
         """Paths in a recipe are relative to the recipe file, so a recipe runs from any directory."""
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else (self.recipe_dir / p)
+        return in_recipe(path, self.recipe_dir)

@@ -12,6 +12,7 @@ from pydantic import Field
 from posttrain.data.decontam import EvalItem, words
 from posttrain.core.errors import UserError
 from posttrain.core.strict import StrictModel
+from posttrain.core.context import in_recipe
 
 QUESTION_FIELDS = ("question", "prompt", "query", "problem", "text", "input")
 ANSWER_FIELDS = ("answer", "target", "solution", "output")
@@ -130,8 +131,7 @@ def _choices(task: Any, doc: dict) -> list[str]:
 
 def reference_items(config: Decontamination, recipe_dir: Path) -> list[EvalItem]:
     def resolve(value: str) -> Path:
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else recipe_dir / path
+        return in_recipe(value, recipe_dir)
 
     items = [item for value in config.files for item in file_items(resolve(value))]
     if config.tasks:

@@ -16,6 +16,7 @@ from posttrain.data.eval_references import Decontamination
 from posttrain.data.formats import BadRow, Format, to_messages
 from posttrain.core.errors import UserError
 from posttrain.core.strict import StrictModel
+from posttrain.core.context import in_recipe
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -72,8 +73,7 @@ class DataConfig(StrictModel):
 
 
 def source_files(source: DataSource, recipe_dir: Path) -> list[Path]:
-    path = Path(source.path).expanduser()
-    path = path if path.is_absolute() else recipe_dir / path
+    path = in_recipe(source.path, recipe_dir)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES)
         if not files:
@@ -247,8 +247,7 @@ def config_problems(config: "DataConfig", recipe_dir: Path, prefix: str = "data"
         for i, source in enumerate(getattr(config, group) or []):
             if not source.hub:
                 continue
-            folder = Path(source.hub).expanduser()
-            folder = folder if folder.is_absolute() else recipe_dir / folder
+            folder = in_recipe(source.hub, recipe_dir)
             found = local_hub_configs(folder) if folder.is_dir() else None
             if not found:
                 continue

@@ -10,7 +10,6 @@ from __future__ import annotations
 import shlex
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from posttrain.execution.jobs import Handle, JobSpec, Transport, killed, python_command
@@ -21,6 +20,7 @@ from posttrain.recipe.load import LoadedRecipe
 from posttrain.recipe.model import Launch
 from posttrain.registry import Registry, short
 from posttrain.runner import STAGE_LOG, Chooser, RunResult, headline
+from posttrain.core.context import in_recipe
 
 FINISHED = ("done", "cached", "chose")
 ACTIVE = ("queued", "running", "elsewhere")
@@ -75,8 +75,7 @@ def job_command(loaded: LoadedRecipe, reg: Registry, name: str, key: str, launch
     if processes > 1 or nodes > 1:
         argv += ["--launcher", options.launcher or "accelerate", "--nproc", str(max(1, processes // nodes))]
         if own.accelerate_config and (options.launcher or "accelerate") == "accelerate":
-            config = Path(own.accelerate_config)
-            argv += ["--accelerate-config", str(config if config.is_absolute() else loaded.dir / config)]
+            argv += ["--accelerate-config", str(in_recipe(own.accelerate_config, loaded.dir))]
     return argv
 
 
@@ -285,8 +284,7 @@ def transport_for(loaded: LoadedRecipe, reg: Registry, launch: Launch) -> Transp
     if launch.executor == "slurm":
         from posttrain.execution.slurm import SubmititSlurm
 
-        folder = Path(launch.slurm.folder) if launch.slurm.folder else reg.root / "jobs"
-        folder = folder if folder.is_absolute() else loaded.dir / folder
+        folder = in_recipe(launch.slurm.folder, loaded.dir) if launch.slurm.folder else reg.root / "jobs"
         return SubmititSlurm(folder, lambda kind: launch.for_kind(kind).slurm, launch.slurm.cluster)
     from posttrain.execution.local import LocalSlots
 

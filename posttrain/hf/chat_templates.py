@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from posttrain.core.errors import UserError
+from posttrain.core.context import in_recipe
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,7 @@ def resolve_chat_template(value: str, recipe_dir: Path) -> ChatTemplate:
         text = resources.files("posttrain.hf").joinpath("templates", filename).read_text()
         return ChatTemplate(name, text, eot)
     if is_template_file(value):
-        path = Path(value).expanduser()
-        path = path if path.is_absolute() else recipe_dir / path
+        path = in_recipe(value, recipe_dir)
         if not path.is_file():
             raise UserError(f"chat template file not found: {path}")
         text = path.read_text()

@@ -19,12 +19,11 @@ BUILTIN_STAGES: dict[str, str] = {
     "merge": "posttrain.kinds.merge.stage:MergeStage",
     "eval": "posttrain.kinds.eval.stage:EvalStage",
     "prepare_data": "posttrain.kinds.prepare_data.stage:PrepareDataStage",
-    "select": "posttrain.kinds.select.stage:SelectStage",
 }
 
 ENTRY_POINT_GROUP = "posttrain.stages"
 # Kinds the recipe loader adds by itself; a recipe cannot name them.
-INTERNAL_KINDS = frozenset({"prepare_data", "select"})
+INTERNAL_KINDS = frozenset({"prepare_data"})
 
 
 @lru_cache(maxsize=1)

@@ -15,6 +15,7 @@ from typing import Any
 
 from posttrain.kinds import get_stage
 from posttrain.training.memory_model import Architecture, Launch
+from posttrain.core.context import in_recipe
 
 __all__ = ["KNOWN_ARCHITECTURES", "Architecture", "Launch", "architecture_of", "estimate", "estimates_for", "launch_of",
            "training_bytes"]
@@ -42,8 +43,7 @@ KNOWN_ARCHITECTURES["PrimeIntellect/INTELLECT-1-Instruct"] = KNOWN_ARCHITECTURES
 def architecture_of(model: str, recipe_dir: Path) -> Architecture | None:
     """From a local folder's config.json, the local HF cache, or the table above; None if unknown."""
     config = None
-    local = Path(model).expanduser()
-    local = local if local.is_absolute() else recipe_dir / local
+    local = in_recipe(model, recipe_dir)
     if (local / "config.json").is_file():
         config = json.loads((local / "config.json").read_text())
     elif model in KNOWN_ARCHITECTURES:
@@ -73,8 +73,7 @@ def launch_of(recipe_launch, recipe_dir: Path) -> Launch:
 
     engine, mixed = "ddp", False
     if recipe_launch.accelerate_config:
-        path = Path(recipe_launch.accelerate_config)
-        path = path if path.is_absolute() else recipe_dir / path
+        path = in_recipe(recipe_launch.accelerate_config, recipe_dir)
         try:
             config = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError):
@@ -124,6 +123,9 @@ def estimates_for(loaded) -> dict[str, str]:
         if model is not None and model not in architectures:
             architectures[model] = architecture_of(model, loaded.dir)
         arch = architectures.get(model) if model else None
+        if item.kind == "select":
+            found[name] = "-"  # a selection builds nothing
+            continue
         found[name] = ((item.stage.memory_estimate(item.config, arch, launch) or "-") if arch
                        else "unknown architecture (no config.json offline)")
     return found

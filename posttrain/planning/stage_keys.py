@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from posttrain.registry.code_fingerprint import code_files, code_fingerprint
 from posttrain.registry.file_fingerprint import FingerprintCache, fingerprint
 from posttrain.recipe.load import LoadedRecipe
 from posttrain.registry import entry_key
+from posttrain.core.context import in_recipe
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,7 @@ def compute_keys(loaded: LoadedRecipe, cache: FingerprintCache, choose: Chooser 
             inputs = {"tokenizer": keys[item.inputs["model"]].key}
         data = {}
         for path, value in item.stage.local_files(item.config).items():
-            local = Path(value).expanduser()
-            local = local if local.is_absolute() else loaded.dir / local
+            local = in_recipe(value, loaded.dir)
             data[path] = fingerprint(local, cache) if local.exists() else "missing"
         seed = item.config.seed if item.config.seed is not None else loaded.recipe.seed
         material = {

@@ -22,15 +22,20 @@ from posttrain.recipe.model import RESERVED_NAMES, Recipe
 from posttrain.recipe.sweeps import apply_override, rewrite_references, select_configs, sweep_candidates
 from posttrain.recipe.yaml_lines import load_yaml_with_lines
 from posttrain.kinds import INTERNAL_KINDS, Stage, StageConfig, get_stage, known_kinds
+from posttrain.recipe.selection import Selection
+from posttrain.core.context import in_recipe
 
 BASE = "base"
 
 
 @dataclass
 class ResolvedStage:
+    """A node of the recipe's graph: a stage that builds an entry, or a selection (`stage` is then a
+    `Selection`, kind "select") that hands on the candidate it chose."""
+
     name: str
     kind: str
-    stage: Stage
+    stage: Stage | Selection
     config: StageConfig
     inputs: dict[str, str]  # dotted config path -> name of the stage/model it reads
     candidate: tuple[str, str, dict] | None = None  # (swept stage, label, overrides) of a sweep's candidate
@@ -234,16 +239,15 @@ def _validate_stages(data: dict, recipe_dir: Path, report, origins: _Origins, de
                 for key, message in checks:
                     report(_place(loc, key, places), message)
                 for key, value in stage.local_files(config).items():
-                    p = Path(value).expanduser()
-                    p = p if p.is_absolute() else recipe_dir / p
+                    p = in_recipe(value, recipe_dir)
                     if not p.exists():
                         report(_place(loc, key, places), f"file not found: {p}")
             resolved[stage_name] = ResolvedStage(stage_name, kind, stage, config, stage.inputs(config),
                                                  (name, label, overrides) if label is not None else None)
-    select = get_stage("select")
+    selection = Selection()
     for node, body in select_configs(selections, raw_stages, swept, report).items():
-        config = select.Config.model_validate(body)
-        resolved[node] = ResolvedStage(node, "select", select, config, select.inputs(config))
+        config = selection.Config.model_validate(body)
+        resolved[node] = ResolvedStage(node, selection.kind, selection, config, selection.inputs(config))
     for item in resolved.values():
         for path, ref in item.inputs.items():
             if ref in swept and item.kind != "select":

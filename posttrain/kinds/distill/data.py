@@ -8,6 +8,7 @@ import numpy as np
 
 from posttrain.kd.shards import LazyShard, read_index
 from posttrain.core.errors import UserError
+from posttrain.core.context import in_recipe
 
 
 class ShardSequences:
@@ -52,8 +53,7 @@ class LogitsDatasetSequences:
 
         source = spec.hub
         if spec.path:
-            local = Path(spec.path).expanduser()
-            source = str(local if local.is_absolute() else recipe_dir / local)
+            source = str(in_recipe(spec.path, recipe_dir))
         try:
             if source.endswith((".jsonl", ".json", ".parquet")):
                 kind = "json" if source.endswith((".jsonl", ".json")) else "parquet"

@@ -15,6 +15,7 @@ from posttrain.data.sources import DataConfig, local_data_files
 from posttrain.core.strict import StrictModel
 from posttrain.evaluation.tasks import task_file_problems
 from posttrain.kinds.base import Stage, StageConfig, StageContext
+from posttrain.core.context import in_recipe
 
 
 class ExactMatch(StrictModel):
@@ -102,9 +103,7 @@ class EvalStage(Stage):
                                 "metrics always run on transformers): give tasks, or leave backend at hf")]
         problems = []
         for i, folder in enumerate(config.task_dirs):
-            path = Path(folder).expanduser()
-            path = path if path.is_absolute() else recipe_dir / path
-            problems += [(f"task_dirs.{i}", message) for message in task_file_problems(path)]
+            problems += [(f"task_dirs.{i}", message) for message in task_file_problems(in_recipe(folder, recipe_dir))]
         return problems
 
 

@@ -15,6 +15,7 @@ from posttrain.hf.model_folder import copy_model_folder, missing_parts
 from posttrain.core.strict import ModelSpec
 from posttrain.kinds.base import Stage, StageConfig, StageContext
 from posttrain.hf.weights import stored_dtype
+from posttrain.core.context import in_recipe
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"]
@@ -55,8 +56,7 @@ class ModelStage(Stage):
             value = getattr(config, field)
             if not value or not looks_local(value, recipe_dir):
                 continue
-            folder = Path(value).expanduser()
-            folder = folder if folder.is_absolute() else recipe_dir / folder
+            folder = in_recipe(value, recipe_dir)
             if not folder.is_dir():
                 problems.append((field, f"folder not found: {folder}"))
                 continue
@@ -72,9 +72,7 @@ class ModelStage(Stage):
         problems += template_problems(config.chat_template, recipe_dir)
         tokenizer_value = config.tokenizer or config.model
         if looks_local(tokenizer_value, recipe_dir) and not problems:
-            folder = Path(tokenizer_value).expanduser()
-            problems += end_of_turn_problems(config.chat_template, recipe_dir,
-                                             folder if folder.is_absolute() else recipe_dir / folder)
+            problems += end_of_turn_problems(config.chat_template, recipe_dir, in_recipe(tokenizer_value, recipe_dir))
         return problems
 
     def run(self, config: ModelConfig, ctx: StageContext) -> dict[str, Any]:

@@ -1,11 +1,11 @@
-"""`kind: select`: the candidate of a swept stage in one place of a ranking by an eval metric, or by a
-dev objective that combines several (`posttrain.evaluation.objective`).
+"""A selection: a node of the recipe's graph that picks the candidate of a swept stage in one place of a
+ranking by an eval metric, or by a dev objective that combines several (`posttrain.evaluation.objective`).
 
-Recipes do not write this kind: the loader adds one for every `{best_of: ...}` / `{top_k: ...}` a
-stage takes as a model. It builds no entry: once the evals it reads have run, the runner hands the
-chosen candidate's entry on, and the stages that take it are keyed by that entry alone (so a new
-candidate that does not win changes nothing downstream). The choice, with every candidate's score,
-is recorded in the manifest of each stage that takes it.
+It is not a stage kind: it builds nothing and has no `run`. Recipes do not write it; the loader adds
+one for every `{best_of: ...}` / `{top_k: ...}` a stage takes as a model. Once the evals it reads have
+run, the runner (or the job driver) hands the chosen candidate's entry on, and the stages that take it
+are keyed by that entry alone (so a new candidate that does not win changes nothing downstream). The
+choice, with every candidate's score, is recorded in the manifest of each stage that takes it.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from posttrain.evaluation.objective import Part, combine, describe, objective_mode, part_values
-from posttrain.kinds.base import Stage, StageConfig, StageContext
+from posttrain.kinds.base import StageConfig
 from posttrain.core.strict import StrictModel
 
 
@@ -51,11 +51,11 @@ class SelectConfig(StageConfig):
         return describe(self.objective_parts, self.combine)
 
 
-class SelectStage(Stage):
-    kind = "select"
-    version = "1"
+class Selection:
+    """The selection node's behaviour in the graph: what it reads, and how it scores the candidates."""
+
+    kind = "select"  # its label in plans, progress lines and manifests; no registered stage kind
     Config = SelectConfig
-    produces = "model"
 
     def inputs(self, config: SelectConfig) -> dict[str, str]:
         refs = {f"candidates.{i}": name for i, name in enumerate(config.candidates)}
@@ -65,6 +65,9 @@ class SelectStage(Stage):
     def keeps_tokenizer(self, config: SelectConfig) -> str | None:
         return "candidates.0"  # every candidate of a sweep carries the same tokenizer
 
+    def prepared_data(self, config: SelectConfig) -> dict[str, dict[str, Any]]:
+        return {}  # it reads no data
+
     def part_values(self, config: SelectConfig, results_by_eval: dict[str, dict[str, Any]],
                     models: list[str] | None = None) -> dict[str, dict[str, float | None]]:
         """model (the candidates by default) -> {part: value} from each eval's `results`."""
@@ -73,6 +76,3 @@ class SelectStage(Stage):
     def scores(self, config: SelectConfig, results_by_eval: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         """Each candidate's objective (None where a part is missing)."""
         return combine(config.objective_parts, config.combine, self.part_values(config, results_by_eval))
-
-    def run(self, config: SelectConfig, ctx: StageContext) -> dict[str, Any]:
-        raise RuntimeError("select steps are resolved by the runner, never run")
