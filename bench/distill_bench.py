@@ -181,7 +181,7 @@ def capture_vs_forward(model_dir: Path, tmp: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     import posttrain
-    from posttrain.data.sources import DataConfig, load_conversations
+    from posttrain.data.sources import DataConfig, SourceCount, normalised_rows, row_normaliser
     from posttrain.data.tokens import tokenize_row
 
     data = ROOT / "data" / "sft" / "tiny_chat_train.jsonl"
@@ -192,7 +192,8 @@ def capture_vs_forward(model_dir: Path, tmp: Path) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(teacher)
-    rows, _ = load_conversations(DataConfig(sources=[{"path": str(data)}]), ROOT, 42)
+    config = DataConfig(sources=[{"path": str(data)}])
+    rows = [row for _, row in normalised_rows(config.sources[0], 0, config, ROOT, row_normaliser("chat"), SourceCount())]
     sequences = [tokenize_row(tok, r, 96, True)[0] for r in rows]
     model = AutoModelForCausalLM.from_pretrained(teacher).eval()
     start = time.perf_counter()

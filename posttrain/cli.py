@@ -38,19 +38,16 @@ def cmd_validate(args) -> int:
 
 def _validate_data(loaded, rows: int) -> int:
     """Read `rows` rows of every data source of every stage and say what training would accept."""
-    from posttrain.data.formats import to_messages
     from posttrain.data.inspect import format_report, inspect_data
-    from posttrain.data.preferences import to_preference
+    from posttrain.data.sources import row_normaliser
 
-    preference = lambda row, source: to_preference(row)  # noqa: E731
-    chat = lambda row, source: to_messages(row, source.format)  # noqa: E731
     failed = False
     for name in loaded.order:  # each prepared-data step once (candidates and evals share them)
         item = loaded.stages[name]
         if item.kind != "prepare_data":
             continue
         data = item.config.data
-        reports = inspect_data(data, loaded.dir, preference if item.config.format == "preference" else chat, rows)
+        reports = inspect_data(data, loaded.dir, row_normaliser(item.config.format), rows)
         print("\n".join(format_report(f"{name} (first {rows} rows of each source)", reports)))
         failed |= not all(r.usable for r in reports)
     if failed:

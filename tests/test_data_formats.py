@@ -7,7 +7,8 @@ import pytest
 
 from conftest import TINY_MODEL
 from posttrain.data.formats import to_messages
-from posttrain.data.sources import DataConfig, load_conversations
+from posttrain.data.sources import DataConfig
+from support.in_memory import load_conversations
 from posttrain.core.errors import UserError
 
 CONVERSATION = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5"}]
@@ -152,7 +153,7 @@ def test_columns_mapping_and_csv_and_parquet(tmp_path):
 
 def test_hub_style_source_and_named_eval_split(tmp_path):
     """`hub:` goes through datasets.load_dataset, exercised offline on a local dataset folder."""
-    from posttrain.data.sources import load_eval_rows
+    from support.in_memory import load_eval_rows
 
     folder = tmp_path / "ds"
     folder.mkdir()

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import ROOT, TINY_MODEL, cli, write_recipe
 from posttrain.data.decontam import EvalItem, Index, words
-from posttrain.data.sources import DataConfig, load_conversations, load_preferences
+from posttrain.data.sources import DataConfig
+from support.in_memory import load_conversations, load_preferences
 from posttrain.core.errors import UserError
 
 LONG_QUESTION = ("A train leaves the station at nine in the morning travelling at sixty miles per hour towards "

@@ -85,7 +85,8 @@ def test_heldout_chosen_logp_rises_relative_to_rejected(trained):
 def test_stored_reference_logps_equal_an_independent_computation(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from posttrain.data.sources import DataConfig, load_preferences
+    from posttrain.data.sources import DataConfig
+    from support.in_memory import load_preferences
 
     base = trained.path("base")
     model, tok = AutoModelForCausalLM.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
@@ -186,7 +187,8 @@ def test_bad_preference_rows(case, tmp_path):
         to_preference(row)
     assert err.value.field == field and message in str(err.value)
     # Through the data layer, the file and row are named too.
-    from posttrain.data.sources import DataConfig, load_preferences
+    from posttrain.data.sources import DataConfig
+    from support.in_memory import load_preferences
     from posttrain.core.errors import UserError
 
     data = tmp_path / "p.jsonl"

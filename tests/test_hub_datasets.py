@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, TINY_MODEL, cli, write_recipe
-from posttrain.data.sources import DataConfig, load_conversations, load_preferences
+from posttrain.data.sources import DataConfig
+from support.in_memory import load_conversations, load_preferences
 from posttrain.core.errors import UserError
 from support import hub_datasets
 from support.hub_datasets import EXPECTED, TOOLACE_SYSTEM

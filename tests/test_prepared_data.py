@@ -96,7 +96,8 @@ def test_prepared_order_and_tokens_equal_the_in_memory_loader(tmp_path, monkeypa
     from posttrain.hf.chat_templates import resolve_chat_template
     from posttrain.data import prepare as prepare_module
     from posttrain.data.prepare import open_prepared, prepare
-    from posttrain.data.sources import DataConfig, load_conversations
+    from posttrain.data.sources import DataConfig
+    from support.in_memory import load_conversations
     from posttrain.data.tokens import tokenize_row
 
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)

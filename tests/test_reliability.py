@@ -15,7 +15,8 @@ import pytest
 
 import posttrain
 from conftest import ROOT, TINY_MODEL, cli, two_stage_recipe, write_recipe
-from posttrain.data.sources import DataConfig, load_conversations
+from posttrain.data.sources import DataConfig
+from support.in_memory import load_conversations
 from posttrain.core.errors import UserError
 from posttrain.registry import CorruptEntry, Registry
 

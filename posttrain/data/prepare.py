@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 
 from posttrain.data.formats import to_messages
-from posttrain.data.sources import (Contamination, DataConfig, SourceCount, empty_stats, mixture_rows,
+from posttrain.data.sources import (Contamination, DataConfig, SourceCount, empty_stats, mixture_rows, row_normaliser,
                                     normalised_rows, source_summary, write_contamination_report)
 from posttrain.core.errors import UserError
 
@@ -40,14 +40,6 @@ PREPARED_FILE = "prepared.json"
 COLUMNS = {"chat": ("input_ids", "labels"), "preference": ("prompt_ids", "chosen_ids", "rejected_ids"),
            "generation": ("prompt_ids",)}
 EXTRA = {"chat": (("label_tokens", "int32"),), "preference": (), "generation": (("answer", "large_string"),)}
-
-
-def _normaliser(fmt: Format) -> Callable:
-    if fmt == "preference":
-        from posttrain.data.preferences import to_preference
-
-        return lambda row, source: to_preference(row)
-    return lambda row, source: to_messages(row, source.format)
 
 
 def default_workers() -> int:
@@ -178,7 +170,7 @@ def _read_group(group: str, data: DataConfig, sources, recipe_dir: Path, seed: i
 
     rng = random.Random(seed)
     stats = empty_stats()
-    normalise = _normaliser(fmt)
+    normalise = row_normaliser(fmt)
     mixture, offsets = array("q"), array("q", [0])
     with open(work_dir / f"rows-{group}.bin", "wb") as store:
         for index, source in enumerate(sources):

@@ -8,7 +8,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from pydantic import Field, model_validator
 
@@ -261,18 +261,6 @@ def config_problems(config: "DataConfig", recipe_dir: Path, prefix: str = "data"
     return problems
 
 
-def load_conversations(config: DataConfig, recipe_dir: Path, seed: int) -> tuple[list[dict], dict[str, int]]:
-    """Chat/text rows of the whole mixture as messages, shuffled under `seed`, and counts for the manifest."""
-    return load_rows(config, recipe_dir, seed, lambda row, source: to_messages(row, source.format))
-
-
-def load_preferences(config: DataConfig, recipe_dir: Path, seed: int) -> tuple[list[dict], dict[str, int]]:
-    """Preference rows as prompt/chosen/rejected message lists."""
-    from posttrain.data.preferences import to_preference
-
-    return load_rows(config, recipe_dir, seed, lambda row, source: to_preference(row))
-
-
 @dataclass
 class SourceCount:
     """What reading one source found: rows read and bad rows skipped, by reason."""
@@ -283,6 +271,17 @@ class SourceCount:
     def skip(self, bad: BadRow) -> None:
         reason = skip_reason(bad)
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def row_normaliser(fmt: str) -> Callable[[dict, DataSource], dict]:
+    """How a row of a stage's data format becomes what it trains on: messages for chat (each source's
+    own `format`), prompt/chosen/rejected message lists for preference data. The one place both the
+    prepared-data step and `posttrain validate --data` get it from."""
+    if fmt == "preference":
+        from posttrain.data.preferences import to_preference
+
+        return lambda row, source: to_preference(row)
+    return lambda row, source: to_messages(row, source.format)
 
 
 def normalise_row(raw: Any, source: DataSource, normalise) -> dict:
@@ -359,33 +358,6 @@ def empty_stats() -> dict[str, Any]:
     return {"rows_read": 0, "bad_rows_skipped": 0, "sources": [], "warnings": []}
 
 
-def load_rows(config: DataConfig, recipe_dir: Path, seed: int, normalise) -> tuple[list[dict], dict[str, Any]]:
-    """Read, rename, normalise (or report/skip bad rows), weight and shuffle every source's rows, in memory.
-
-    For small data (held-out evaluation rows); training data goes through `posttrain.data.prepare`,
-    which streams the same steps into Arrow files and gives the same order. Each kept row carries
-    `source` (its source's index); the stats hold totals and, under `sources`, each source's rows read,
-    used and skipped by reason."""
-    rng = random.Random(seed)
-    mixture: list[dict] = []
-    stats = empty_stats()
-    checker = Contamination(config.decontaminate, recipe_dir) if config.decontaminate else None
-    for index, source in enumerate(config.sources):
-        count = SourceCount()
-        kept = list(normalised_rows(source, index, config, recipe_dir, normalise, count))
-        contaminated = None
-        if checker:
-            kept, contaminated = checker.filter(kept, source.label)
-        order = mixture_rows(source, len(kept), rng)
-        source_summary(stats, config, source, count, len(order), contaminated)
-        mixture.extend(kept[i][1] for i in order)
-    rng.shuffle(mixture)
-    stats["rows_used"] = len(mixture)
-    if checker:
-        stats.update(checker.summary(stats["rows_read"] - stats["bad_rows_skipped"]))
-    return mixture, stats
-
-
 class Contamination:
     """Checks normalised rows against the evaluation items and remembers what it found."""
 
@@ -457,11 +429,3 @@ def skip_reason(bad: BadRow) -> str:
     message = re.sub(r"'[^']*'|\d+", "…", str(bad))
     field = re.sub(r"\.\d+", "", bad.field) if bad.field else ""
     return f"{field}: {message}" if field else message
-
-
-def load_eval_rows(config: DataConfig, recipe_dir: Path, seed: int, load) -> list[dict] | None:
-    """Rows of `eval_sources` (a named split or a held-out file) through the same loader, or None."""
-    if not config.eval_sources:
-        return None
-    eval_config = config.model_copy(update={"sources": config.eval_sources, "eval_sources": None})
-    return load(eval_config, recipe_dir, seed)[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,6 +16,9 @@ from posttrain.core.context import StageContext
 from posttrain.training.trainer_common import load_chat_tokenizer
 from posttrain.data.tokens import IGNORE
 from posttrain.training.splits import prepared_datasets
+
+if TYPE_CHECKING:  # the config class, for the signature only (the stage module imports this one)
+    from posttrain.kinds.capture_logits.stage import CaptureConfig
 
 
 POSITION_CHUNK = 1024  # positions whose logits exist at once (1024 x 128256 fp32 = 0.5 GB)
@@ -161,7 +164,7 @@ class VllmTeacher:
         return tuple(np.concatenate([part[i] for part in parts]) for i in range(3))
 
 
-def run_capture(config, ctx: StageContext) -> dict[str, Any]:
+def run_capture(config: CaptureConfig, ctx: StageContext) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from posttrain.kd.fused import fused_distill_loss
 from posttrain.hf.tokenizer_check import check_compatible
@@ -15,6 +15,9 @@ from posttrain.training.trainer_common import train as train_model
 from posttrain.console import tracker_callbacks  # wandb/mlflow/trackio runs named <recipe>/<stage>
 from posttrain.kinds.distill.data import (LengthLimited, LogitsDatasetSequences, PackedSequences,
                                                  ShardSequences, collate)
+
+if TYPE_CHECKING:  # the config class, for the signature only (the stage module imports this one)
+    from posttrain.kinds.distill.stage import DistillConfig
 
 
 def _trainer_class():
@@ -103,7 +106,7 @@ def install_distill_forward(model) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-def run_distill(config, ctx: StageContext) -> dict[str, Any]:
+def run_distill(config: DistillConfig, ctx: StageContext) -> dict[str, Any]:
     from transformers import TrainingArguments
 
     from posttrain.hf.weights import load_trainable

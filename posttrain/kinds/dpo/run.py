@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from posttrain.core.context import StageContext
 from posttrain.training.speed import choose_attention, speed_settings, torch_cuda_available
@@ -12,6 +12,9 @@ from posttrain.training.trainer_common import train as train_model
 from posttrain.console import tracker_callbacks  # wandb/mlflow/trackio runs named <recipe>/<stage>
 from posttrain.training.splits import prepared_datasets
 from posttrain.kinds.dpo.packed_pairs import install_packed_backbone, packed_collator, padding_fraction
+
+if TYPE_CHECKING:  # the config class, for the signature only (the stage module imports this one)
+    from posttrain.kinds.dpo.stage import DPOStageConfig
 
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
@@ -43,7 +46,7 @@ def pair_lengths(dataset) -> list[tuple[int, int]]:
     return lengths
 
 
-def run_dpo(config, ctx: StageContext) -> dict[str, Any]:
+def run_dpo(config: DPOStageConfig, ctx: StageContext) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 from posttrain.core.context import StageContext
@@ -12,6 +12,9 @@ from posttrain.data.prepare import open_prepared
 from posttrain.data.tokens import IGNORE
 from posttrain.core.errors import UserError
 from posttrain.evaluation.tasks import copy_task_dirs
+
+if TYPE_CHECKING:  # the config class, for the signature only (the stage module imports this one)
+    from posttrain.kinds.eval.stage import EvalConfig
 
 
 def prepare_task_dirs(task_dirs: list[str], ctx: StageContext) -> Path | None:
@@ -21,7 +24,7 @@ def prepare_task_dirs(task_dirs: list[str], ctx: StageContext) -> Path | None:
     return copy_task_dirs([ctx.resolve(folder) for folder in task_dirs], ctx.work_dir / "tasks")
 
 
-def run_eval(config, ctx: StageContext) -> dict[str, Any]:
+def run_eval(config: EvalConfig, ctx: StageContext) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     include = prepare_task_dirs(config.task_dirs, ctx)
     reused = []
@@ -52,7 +55,7 @@ def run_eval(config, ctx: StageContext) -> dict[str, Any]:
             "reused_results": reused}
 
 
-def _cache_path(config, ctx: StageContext, index: int, include: Path | None) -> Path | None:
+def _cache_path(config: EvalConfig, ctx: StageContext, index: int, include: Path | None) -> Path | None:
     """Where one model's results are kept, named by everything that decides them: the model entry, the
     data prepared for it, the teacher for KL, every setting but the model list, the task files, the
     seed and the eval code. A sweep that grows by one candidate evaluates only the new one."""

@@ -6,10 +6,13 @@ import resource
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from posttrain.core.errors import UserError
 from posttrain.core.context import StageContext
+
+if TYPE_CHECKING:  # the config class, for the signature only (the stage module imports this one)
+    from posttrain.kinds.merge.stage import MergeConfig
 
 # mergekit's options we set ourselves (determinism, offline safety, our own tokenizer/card handling).
 _OWN_OPTIONS = {"random_seed", "copy_tokenizer", "write_model_card", "safe_serialization", "trust_remote_code"}
@@ -17,7 +20,7 @@ DONOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.js
                "chat_template.jinja", "generation_config.json")
 
 
-def mergekit_dict(config, paths: dict[str, str]) -> dict[str, Any]:
+def mergekit_dict(config: MergeConfig, paths: dict[str, str]) -> dict[str, Any]:
     """Our stage config as mergekit's YAML-shaped dict; `paths` maps each input's config path to a model path."""
     base_key = "base_model"
     out: dict[str, Any] = {
@@ -35,7 +38,7 @@ def mergekit_dict(config, paths: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def check_merge_config(config) -> list[tuple[str, str]]:
+def check_merge_config(config: MergeConfig) -> list[tuple[str, str]]:
     """Validate through mergekit itself; problems are mapped back to the recipe's keys."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge_methods import registry
@@ -85,7 +88,7 @@ def _recipe_path(loc: tuple) -> str:
     return ".".join(parts)
 
 
-def run_merge_stage(config, ctx: StageContext) -> dict[str, Any]:
+def run_merge_stage(config: MergeConfig, ctx: StageContext) -> dict[str, Any]:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions

@@ -2,15 +2,18 @@
 data config -> `posttrain.data.prepare`."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from posttrain.core.context import StageContext
 from posttrain.data.prepare import prepare
 from posttrain.training.splits import tokenization_fingerprint
 from posttrain.training.trainer_common import load_chat_tokenizer
 
+if TYPE_CHECKING:  # the config class, for the signature only (the stage module imports this one)
+    from posttrain.kinds.prepare_data.stage import PrepareDataConfig
 
-def run_prepare(config, ctx: StageContext) -> dict[str, Any]:
+
+def run_prepare(config: PrepareDataConfig, ctx: StageContext) -> dict[str, Any]:
     tokenizer = load_chat_tokenizer(ctx.inputs["model"].path, config.chat_template, ctx)
     if config.format == "preference" and not tokenizer.chat_template:
         from posttrain.core.errors import UserError

@@ -1,7 +1,7 @@
 """The body of the SFT stage: data -> tokens with masked labels -> trl SFTTrainer -> HF folder."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -13,8 +13,11 @@ from posttrain.training.trainer_common import train as train_model
 from posttrain.console import tracker_callbacks  # wandb/mlflow/trackio runs named <recipe>/<stage>
 from posttrain.training.splits import prepared_datasets
 
+if TYPE_CHECKING:  # the config class, for the signature only (the stage module imports this one)
+    from posttrain.kinds.sft.stage import SFTStageConfig
 
-def run_sft(config, ctx: StageContext) -> dict[str, Any]:
+
+def run_sft(config: SFTStageConfig, ctx: StageContext) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     from posttrain.hf.weights import load_trainable
