@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 from posttrain.registry.code_fingerprint import code_files, code_fingerprint
 from posttrain.registry.file_fingerprint import FingerprintCache, fingerprint
 from posttrain.recipe.load import LoadedRecipe
+from posttrain.recipe.selection import Selection
 from posttrain.registry import entry_key
 from posttrain.core.context import in_recipe
 
@@ -89,7 +90,7 @@ def compute_keys(loaded: LoadedRecipe, cache: FingerprintCache, choose: Chooser 
         item = loaded.stages[name]
         if any(ref not in keys for ref in item.inputs.values()):
             continue  # waits on a selection
-        if item.kind == "select":
+        if isinstance(item.stage, Selection):
             chosen = choose(name, keys) if choose else None
             if chosen is not None:
                 keys[name] = StageKey(name, keys[chosen].key, {**keys[chosen].material, "selected": chosen})

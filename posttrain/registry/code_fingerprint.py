@@ -89,11 +89,11 @@ def module_closure(module: str, root: Path = PACKAGE_ROOT.parent) -> list[Path]:
     return sorted(set(seen.values()))
 
 
-def _span(node: ast.AST) -> tuple[int, int, int, int]:
+def _span(node: ast.stmt) -> tuple[int, int, int, int]:
     return (node.lineno, node.col_offset, node.end_lineno or node.lineno, node.end_col_offset or 0)
 
 
-def _package_import(node: ast.AST, package: str) -> str | None:
+def _package_import(node: ast.Import | ast.ImportFrom, package: str) -> str | None:
     """A posttrain import without the module's dotted path (`from posttrain import a, b as c`), so a
     module moved between folders reads the same to its importers; None for other statements."""
     def names(aliases: list[ast.alias]) -> str:
@@ -125,9 +125,10 @@ def behaviour_text(source: str, package: str = PACKAGE) -> str:
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
                     and isinstance(first.value.value, str):
                 edits.append((_span(first), ""))
-        statement = _package_import(node, package)
-        if statement is not None:
-            edits.append((_span(node), statement))
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            statement = _package_import(node, package)
+            if statement is not None:
+                edits.append((_span(node), statement))
     try:
         for token in tokenize.generate_tokens(io.StringIO(source).readline):
             if token.type == tokenize.COMMENT:

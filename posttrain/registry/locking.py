@@ -35,6 +35,7 @@ def _held(path: Path, wait: bool, on_wait: Callable[[], None] | None = None) -> 
 @contextmanager
 def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
     with _held(path, wait=True, on_wait=on_wait) as fd:
+        assert fd is not None  # a waiting lock is always taken
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a person looking at the file
         yield
