@@ -121,3 +121,18 @@ def test_operational_settings_do_not_change_keys(tmp_path):
     assert key(logging_steps=1, learning_rate=1e-3, torch_compile=True, torch_compile_mode="max-autotune",
                dataloader_pin_memory=False, dataloader_prefetch_factor=4) == first
     assert key(logging_steps=1, learning_rate=2e-3) != first
+
+
+def test_a_plugin_kinds_hooks_reach_plan_and_the_closing_line(tmp_path, registry_dir):
+    """The add-a-kind checklist's hooks, as a plugin overrides them (tests/plugins): plan shows its memory
+    estimate, and its stages' closing lines and `run`'s table end with its headline metric."""
+    from posttrain.recipe import load_recipe
+    from posttrain.registry import Registry
+    from posttrain.runner import plan
+
+    recipe = two_stage_recipe(tmp_path)
+    items = {item.name: item for item in plan(load_recipe(recipe), Registry(registry_dir))}
+    assert items["one"].memory == "a counter to 2 (no model in memory)"  # its steps: 2
+    lines: list[str] = []
+    posttrain.run(recipe, echo=lines.append)
+    assert any(" one " in line and " done " in line and line.endswith("steps 2") for line in lines), lines

@@ -29,6 +29,16 @@ class CountStage(Stage):
     def inputs(self, config: CountConfig) -> dict[str, str]:
         return {"model": config.model}
 
+    # Hooks, overridden as a plugin does (a built-in kind keeps them in its hooks.py instead).
+    def headline_metrics(self) -> tuple[str, ...]:
+        return ("steps",)
+
+    def curves(self) -> dict[str, str]:
+        return {}
+
+    def memory_estimate(self, config: CountConfig, arch, launch) -> str:
+        return f"a counter to {config.steps} (no model in memory)"
+
     def run(self, config: CountConfig, ctx: StageContext) -> dict:
         progress_file = ctx.work_dir / "progress.json"
         start = json.loads(progress_file.read_text())["done"] if progress_file.exists() else 0
