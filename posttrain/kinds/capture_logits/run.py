@@ -4,7 +4,8 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -164,24 +165,35 @@ class VllmTeacher:
         return tuple(np.concatenate([part[i] for part in parts]) for i in range(3))
 
 
-def run_capture(config: CaptureConfig, ctx: StageContext) -> dict[str, Any]:
+Targets = Callable[[list, int], tuple]  # (sequences, k) -> (ids, values, tails) of every position
+
+
+def _open_teacher(config: CaptureConfig, folder: Path, pad_id: int, longest: int, seed: int) -> tuple[int, Targets]:
+    """The teacher's vocabulary size and what gives a batch's targets: vLLM's prompt logprobs, or the
+    transformers model's logits on this process's device."""
     import torch
-    from tqdm.auto import tqdm
+
+    if config.backend == "vllm":
+        from transformers import AutoConfig
+
+        teacher = VllmTeacher(folder, config, longest)
+        return AutoConfig.from_pretrained(folder).vocab_size, teacher.targets
     from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").to(device).eval()
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return model.config.vocab_size, lambda batch, k: _teacher_targets(model, batch, pad_id, k, config, generator)
+
+
+def run_capture(config: CaptureConfig, ctx: StageContext) -> dict[str, Any]:
+    from tqdm.auto import tqdm
 
     teacher_entry = ctx.inputs["teacher"]
     tokenizer = load_chat_tokenizer(teacher_entry.path, config.chat_template, ctx)
     dataset, _, stats = prepared_datasets(ctx, tokenizer)
     lengths = np.asarray(dataset.data.column("length"), dtype=np.int64)
-    if config.backend == "vllm":
-        from transformers import AutoConfig
-
-        vocab = AutoConfig.from_pretrained(teacher_entry.path).vocab_size
-        teacher = VllmTeacher(teacher_entry.path, config, int(lengths.max()))
-    else:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(teacher_entry.path, dtype="auto").to(device).eval()
-        vocab = model.config.vocab_size
+    vocab, targets = _open_teacher(config, teacher_entry.path, tokenizer.pad_token_id or 0, int(lengths.max()), ctx.seed)
     if config.mode == "topk" and config.k > vocab:
         raise UserError(f"k = {config.k} is larger than the teacher's vocabulary ({vocab})")
     data_hash = ctx.inputs["data"].key  # the prepared data's content address: same rows, same tokens
@@ -196,7 +208,6 @@ def run_capture(config: CaptureConfig, ctx: StageContext) -> dict[str, Any]:
     )
     shard_dir = ctx.work_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator(device="cpu").manual_seed(ctx.seed)
     total_tokens = int(lengths.sum())
     index, error_sum, error_count, started, resumed, entries = [], 0.0, 0, time.time(), 0, 0
     tail_errors: list[tuple[float, int, int]] = []
@@ -221,11 +232,8 @@ def run_capture(config: CaptureConfig, ctx: StageContext) -> dict[str, Any]:
         sequences, masks = _sequences(dataset, first, last)
         for start in range(0, last - first, config.batch_size):
             batch = sequences[start:start + config.batch_size]
-            if config.backend == "vllm":
-                ids, values, tails = teacher.targets(batch, meta["k"])
-                parts.append((ids.astype(np.int32), values, tails))
-            else:
-                parts.append(_teacher_targets(model, batch, tokenizer.pad_token_id or 0, meta["k"], config, generator))
+            ids, values, tails = targets(batch, meta["k"])
+            parts.append((ids.astype(np.int32, copy=False), values, tails))
             bar.update(sum(len(seq) for seq in batch))
             ctx.progress({"tokens": bar.n, "step": bar.n, "total": total_tokens})
         ids_np, values_np, tails_np = (np.concatenate([part[i] for part in parts]) for i in range(3))
