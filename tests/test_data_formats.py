@@ -151,6 +151,7 @@ def test_columns_mapping_and_csv_and_parquet(tmp_path):
         assert sorted(r["messages"][1]["content"] for r in got) == ["a0", "a1", "a2", "a3"]
 
 
+@pytest.mark.slow
 def test_hub_style_source_and_named_eval_split(tmp_path):
     """`hub:` goes through datasets.load_dataset, exercised offline on a local dataset folder."""
     from support.in_memory import load_eval_rows

@@ -81,6 +81,7 @@ def test_position_t_pairs_with_the_students_logits_at_t():
     assert aligned < 1e-6 and shifted > 0.1
 
 
+@pytest.mark.slow
 def test_chunked_loss_equals_unchunked_in_value_and_gradient():
     torch.manual_seed(0)
     head = torch.nn.Linear(16, V, bias=False)

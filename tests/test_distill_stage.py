@@ -236,6 +236,7 @@ def test_arcee_layout_with_raw_logits_trains_with_the_renormalised_loss(tmp_path
     assert result.metrics("distill")["steps"] == 2 and result.metrics("distill")["loss_type"] == "renormalized"
 
 
+@pytest.mark.slow
 def test_arcee_layout_rows_are_cut_at_max_length_double_bos_collapsed_and_assistant_tokens_found(tmp_path):
     from posttrain.kinds.distill.data import LengthLimited, LogitsDatasetSequences
     from posttrain.kinds.distill.stage import LogitsDataset
@@ -419,6 +420,7 @@ def test_gradient_accumulation_weighs_tokens_not_micro_batches(tmp_path):
         torch.testing.assert_close(deltas["accumulated"][key], deltas["one_batch"][key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_shards_are_bounded_in_bytes(tmp_path):
     from posttrain.kinds.capture_logits.run import shard_groups, stored_bytes_per_position
 

@@ -221,6 +221,7 @@ def test_killed_dpo_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypat
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_padding_free_pairs_give_the_padded_log_probs_and_gradients():
     """The decoder over one packed row (position ids restarting per sequence, SDPA, no attention mask)
     gives every sequence the log-probs and the gradients it gets padded, through trl's own fused head."""

@@ -44,6 +44,7 @@ def test_local_eval_gives_the_same_numbers_twice_and_stores_them(tmp_path, monke
     assert stored["base"] == a
 
 
+@pytest.mark.slow
 def test_eval_key_covers_the_evaluated_entries(tmp_path, capsys):
     recipe = eval_recipe(tmp_path, tasks=[], task_dirs=[])
     posttrain.run(recipe)

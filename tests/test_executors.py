@@ -179,6 +179,7 @@ def test_two_drivers_on_one_registry_build_each_entry_once(tmp_path, registry_di
     assert all("cand[label=boom]" in out for out, _ in results)
 
 
+@pytest.mark.slow
 def test_plan_says_where_each_stage_runs(tmp_path):
     recipe = count_recipe(tmp_path, "where", """
         launch:

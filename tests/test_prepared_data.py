@@ -131,6 +131,7 @@ def test_prepared_order_and_tokens_equal_the_in_memory_loader(tmp_path, monkeypa
         assert sum(s["dropped"] for s in stats["sources"]) == stats["dropped_samples"] > 0
 
 
+@pytest.mark.slow
 def test_training_reads_the_prepared_files_memory_mapped(tmp_path):
     result = posttrain.run(sft_recipe(tmp_path, {"sft": sft()}))
     from posttrain.data.prepare import open_prepared

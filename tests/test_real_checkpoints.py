@@ -184,6 +184,7 @@ def test_base_entry_shares_no_bytes_with_the_users_folder(pipeline, hub_base):
         assert os.stat(entry / name).st_nlink == 1
 
 
+@pytest.mark.slow
 def test_a_link_leaving_the_model_folder_is_refused(hub_base, tmp_path):
     import shutil
 

@@ -86,6 +86,7 @@ def test_two_processes_build_each_entry_once(tmp_path, registry_dir):
 
 
 @pytest.mark.parametrize("damage", ["remove", "truncate"])
+@pytest.mark.slow
 def test_damaged_entry_is_named_by_verify_and_rebuilt(tmp_path, registry_dir, damage):
     recipe = two_stage_recipe(tmp_path)
     first = posttrain.run(recipe)
@@ -125,6 +126,7 @@ def test_names_cannot_escape_the_registry(tmp_path):
     assert not (tmp_path / "evil").exists()
 
 
+@pytest.mark.slow
 def test_gc_is_a_dry_run_unless_told(tmp_path, registry_dir):
     recipe = two_stage_recipe(tmp_path)
     posttrain.run(recipe)
@@ -138,6 +140,7 @@ def test_gc_is_a_dry_run_unless_told(tmp_path, registry_dir):
     assert posttrain.run(recipe, overrides=["stages.two.steps=9"]).ran == []
 
 
+@pytest.mark.slow
 def test_show_prints_lineage_back_to_the_base(tmp_path, registry_dir):
     posttrain.run(two_stage_recipe(tmp_path))
     show = cli("show", "--registry", str(registry_dir), "pair/two")

@@ -160,6 +160,7 @@ def test_packing_and_padding_free_train_and_report_no_padding(tmp_path, mode):
     assert metrics["padding_fraction"] == 0.0
 
 
+@pytest.mark.slow
 def test_python_api_registers_its_output_like_the_cli(tmp_path, registry_dir):
     from transformers import AutoModelForCausalLM
 
@@ -185,6 +186,7 @@ def test_chat_data_without_a_template_is_one_clear_error(tmp_path, capsys):
     assert "has no chat template" in err and "set base.chat_template" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_editing_the_data_file_reruns_sft_and_nothing_else(tmp_path, capsys):
     import shutil
 
