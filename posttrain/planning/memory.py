@@ -1,11 +1,9 @@
 """Rough per-device memory estimates for `posttrain plan`, computed offline from model configs.
 
-Rules of thumb (documented, not measured): full fine-tuning with AdamW in mixed precision keeps 16
-bytes per parameter (bf16 weights and grads, fp32 master weights and two moments), sharded over the
-processes under FSDP / ZeRO-3; activations with gradient checkpointing keep one hidden-state tensor per
-layer plus one layer's working set (~34 bytes x tokens x hidden, Korthikanti et al. 2022) and the
-logits; LoRA keeps frozen bf16 weights (2 bytes per parameter) plus the adapter; inference 2 bytes per
-parameter. Estimates are for planning, not guarantees.
+This module finds each stage's architecture (a local config.json, the HF cache, or the table of
+published ones below) and the recipe's launch, then asks the stage's `memory_estimate` hook. The
+rules of thumb behind the numbers are in `training/memory_model.py`. Estimates are for planning, not
+guarantees.
 """
 from __future__ import annotations
 
