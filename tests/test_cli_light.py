@@ -35,6 +35,7 @@ def test_quick_verbs_import_no_heavy_library(tmp_path, registry_dir):
         assert heavy_modules(*args) == [], args
 
 
+@pytest.mark.slow
 def test_help_and_schema(tmp_path):
     help_out = cli("--help")
     for verb in ("run", "plan", "validate", "ls", "show", "verify", "gc", "schema"):

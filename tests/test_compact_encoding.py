@@ -109,6 +109,7 @@ def test_compact_keeps_every_id_and_quantises_values_to_a_hundredth_of_a_nat():
     np.testing.assert_array_equal(alone_values, got_values[1:121])
 
 
+@pytest.mark.slow
 def test_mass_keeps_the_fewest_best_entries_that_reach_it():
     ids, values = teacher(90, 64, seed=3)
     encoded = compact.encode([90], ids, values, 0.9)

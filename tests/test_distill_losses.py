@@ -22,6 +22,7 @@ def topk_targets(teacher_logits, k, temperature=1.0):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.slow
 def test_k_equals_v_is_exactly_full_kl(temperature):
     teacher, student = teacher_and_student()
     ids, values = topk_targets(teacher, V, temperature)
@@ -210,6 +211,7 @@ def test_vllm_prompt_logprobs_convert_to_our_alignment_with_objects_built_here()
 
 @pytest.mark.parametrize("loss", ["forward_kl", "renormalized", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("alpha", [1.0, 0.6])
+@pytest.mark.slow
 def test_the_fused_loss_equals_the_checkpointed_one_in_value_and_gradient(loss, alpha):
     """kd/fused.py makes each chunk's gradient in the forward; value, hidden-state and head gradients
     equal kd/losses.py's chunked, checkpointed loss, with a stored tail and an outside normalizer."""

@@ -268,6 +268,7 @@ def test_arcee_layout_rows_are_cut_at_max_length_double_bos_collapsed_and_assist
     assert tok.decode(full["input_ids"][full["loss_mask"]]) == answer + "<|eot_id|>"
 
 
+@pytest.mark.slow
 def test_arcee_rows_not_starting_with_the_students_bos_are_refused(tmp_path, capsys):
     rows = arcee_rows(4, double_bos=False)
     for row in rows:

@@ -107,6 +107,7 @@ def test_the_vllm_backend_without_tasks_is_a_located_error(tmp_path, capsys):
     assert "stages.eval.backend: the vllm backend runs lm-eval `tasks`" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_vllm_backend_without_vllm_says_how_to_install_it(tmp_path, capsys):
     recipe = eval_recipe(tmp_path, backend="vllm", perplexity=None, exact_match=None)
     assert main(["run", str(recipe)]) != 0

@@ -289,6 +289,7 @@ def test_a_multi_node_stage_tells_each_launcher_its_node(tmp_path):
     assert "--nproc_per_node 8 --nnodes 2 --node_rank 1 --master_addr node017 --master_port 29500" in joined
 
 
+@pytest.mark.slow
 def test_slurm_without_slurm_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # python, but no sbatch/srun
     recipe = sweep_recipe(tmp_path)

@@ -87,6 +87,7 @@ def test_autoif_keeps_its_system_column(hub, tmp_path):
     assert all("tools" not in r for r in autoif)  # its `tools` column is empty
 
 
+@pytest.mark.slow
 def test_m2lingual_without_a_config_is_a_clear_error_naming_the_configs(hub, tmp_path, capsys):
     config = DataConfig(sources=[{"hub": str(hub["ServiceNow-AI/M2Lingual"]), "columns": {"conversation": "messages"}}])
     with pytest.raises(UserError, match=r"several configs and no default: choose one with `name:` "

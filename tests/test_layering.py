@@ -10,6 +10,8 @@ functions count too.
 """
 from __future__ import annotations
 
+import pytest
+
 import ast
 from pathlib import Path
 
@@ -93,6 +95,7 @@ def test_each_kind_is_one_package_that_imports_no_other_kind():
     assert not crossing, "\n".join(crossing)
 
 
+@pytest.mark.slow
 def test_a_kinds_hooks_are_on_its_stage_and_outside_its_key():
     """What a kind knows about its own runs (plan's memory estimate, the headline metric, the curves,
     whether it spreads over a launch) is asked of its Stage, lives in kinds/<kind>/hooks.py, and is in

@@ -137,6 +137,7 @@ def _search_recipe(folder, selection):
     ([{"metric": "dev/heldout/loss", "mode": "min", "weight": 0}], {}, "stages.final.models.0.by.0.weight",
      "greater than 0"),
 ])
+@pytest.mark.slow
 def test_a_combined_selection_that_cannot_be_made_is_a_located_validate_error(tmp_path, by, extra, where, message):
     path = _search_recipe(tmp_path, {"best_of": "merged", "by": by, **extra})
     result = cli("validate", str(path))

@@ -65,6 +65,7 @@ def test_two_sft_stages_on_the_same_data_build_one_prepared_entry(tmp_path, regi
     assert "cached" in lines["sft_c.data"] and "run" in lines["sft_c"]
 
 
+@pytest.mark.slow
 def test_prepared_data_follows_the_tokenizer_not_the_weights(tmp_path):
     """DPO on an SFT stage tokenises with the tokenizer SFT inherited: retraining SFT with another
     learning rate leaves the DPO data's key alone; another template on the SFT stage does not."""

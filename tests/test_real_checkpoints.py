@@ -210,6 +210,7 @@ def test_capture_names_its_teacher_stage(pipeline):
     assert index["teacher"] == "real/sft"
 
 
+@pytest.mark.slow
 def test_validate_refuses_a_template_whose_end_of_turn_the_tokenizer_lacks(tmp_path):
     import shutil
 

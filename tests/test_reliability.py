@@ -89,6 +89,7 @@ def test_a_same_size_byte_flip_is_caught_before_reuse_and_rebuilt(tmp_path, regi
     assert "one" in again.ran and json.loads((again.path("one") / "result.json").read_text())["count"] == 2
 
 
+@pytest.mark.slow
 def test_a_manifest_listing_no_files_is_never_accepted(tmp_path, registry_dir):
     first = posttrain.run(two_stage_recipe(tmp_path))
     manifest_path = first.path("two") / "manifest.json"
@@ -231,6 +232,7 @@ def test_a_follower_stops_waiting_when_rank_0_is_gone(tmp_path):
 
 # -- 8. lm-eval task files that would run code ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_task_file_with_function_tags_fails_validate_with_its_line(tmp_path):
     tasks = tmp_path / "tasks"
     shutil.copytree(ROOT / "data" / "eval" / "tasks", tasks)

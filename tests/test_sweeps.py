@@ -65,6 +65,7 @@ def test_the_flagship_plan_lists_its_candidates_offline():
     ({"sweep": {"grid": {"seed": list(range(20))}}}, "stages.sft.sweep", "more than max_candidates 16"),
     ({"sweep": {"grid": {}}}, "stages.sft.sweep", "needs `grid` and/or `variants`"),
 ])
+@pytest.mark.slow
 def test_validate_checks_every_swept_key_where_it_is_written(tmp_path, stage_patch, where, message):
     path = recipe(tmp_path)
     body = yaml.safe_load(path.read_text())
@@ -83,6 +84,7 @@ def test_validate_checks_every_swept_key_where_it_is_written(tmp_path, stage_pat
     ({"best_of": "more", "by": "dev/heldout/loss", "mode": "min"}, "'more' is not a swept stage"),
     ({"top_k": 2, "of": "sft", "by": "dev/heldout/loss", "mode": "min"}, "top_k gives several models"),
 ])
+@pytest.mark.slow
 def test_a_selection_that_cannot_be_made_is_a_validate_error(tmp_path, selection, message):
     path = recipe(tmp_path)
     body = yaml.safe_load(path.read_text())
